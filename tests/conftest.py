@@ -22,3 +22,24 @@ def shared() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared material not found at {SHARED}")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def reference_molecules(shared):
+    """The 20 molecules of the original model's outputs (shared/reference), read in place."""
+    import json
+    with open(shared / "reference" / "aimnet_original_outputs.json") as f:
+        return json.load(f)["molecules"]
+
+
+@pytest.fixture(scope="session")
+def released_models(shared):
+    """The five released cross-validation models (backbone + multitask heads), converted."""
+    from aimnet_fast.checkpoint import convert_released
+    d = shared / "aimnet_pretrained"
+    models = []
+    for k in range(5):
+        m = convert_released(d / f"aimnet_cv{k}.pt", d / f"aimnet_mt_cv{k}.pt")
+        m.backend = "torch"
+        models.append(m.eval())
+    return models

@@ -1,0 +1,276 @@
+"""Linear + bias + ELU layers as Triton matrix products, and the ELU MLP stack built from them.
+
+One kernel, ``_matmul_kernel``, computes C (M, N) = op(A) (M, K) · B (K, N) with optional
+- epilogue: + bias (N,), then ELU (α = 1), written as the layer's *output* y;
+- prologue: A ← A ⊙ ELU′ where ELU′ = 1 for y > 0 and y + 1 otherwise, read from the saved output
+  y laid out like A (the backward of an ELU layer without its pre-activation);
+- bias gradient: the row sums of op(A) over the reduction, written by the first column of programs.
+
+Forward of a layer (x (M, K), W (N, K) as in ``nn.Linear``, b (N,)):
+  y = ELU(x · Wᵀ + b)                              one launch, epilogue fused
+Backward (grad_y (M, N), saved y): grad_pre = grad_y ⊙ ELU′(y) is fused into the *prologue* of both
+products that follow, never written to memory:
+  grad_x = grad_pre · W                            A = grad_y (M, N),   B = W (N, K)
+  grad_W = grad_preᵀ · x,  grad_b = Σ_rows grad_pre A = grad_yᵀ (N, M), B = x (M, K)
+Both read grad_y and y in place (grad_yᵀ is a strided view), so a layer's backward is two launches.
+
+Precision (``precision``): "ieee" (full float32 products), "tf32" (tensor-core TF32 inputs) or
+"bf16" (inputs rounded to bfloat16); the accumulator is always float32 (float64 for float64
+tensors, which allow only "ieee"). Under TRITON_INTERPRET=1 the product runs in numpy, so "tf32"
+behaves like "ieee" there; "bf16" rounds the inputs in the interpreter as well.
+
+Units: none (features). Shapes as above; M is the number of rows (atoms, pairs, …).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+PRECISIONS = ("ieee", "tf32", "bf16")
+
+# Tile sizes. Tests shrink them (to the tl.dot minimum of 16) so that small inputs straddle every
+# tile boundary; the AOT report compiles the defaults. 64×64×32 in float32 fits in registers
+# without spills on sm_80 and sm_90 (see bench/KERNELS.md).
+BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
+NUM_WARPS = 4
+# Allocate outputs filled with NaN so that an element a kernel forgets to write fails every check.
+# On by default under the interpreter (tests); off on the GPU, where the fill would cost a pass.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+POISON_OUTPUTS = _INTERPRET
+
+
+def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 → nearest bfloat16 (ties to even), kept in float32. Products of two such values are
+    exact in float32, so a float32 product of rounded inputs equals the bf16 tensor-core result
+    with float32 accumulation (up to summation order). Used under the interpreter, whose bf16
+    tl.dot returns garbage in triton 3.9 and whose bf16 cast does not round to nearest."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr,
+                   M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                   stride_ym, stride_yk,
+                   HAS_BIAS: tl.constexpr, EPILOGUE_ELU: tl.constexpr,
+                   PROLOGUE_ELU_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                   PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    mask_m = rm < M
+    mask_n = rn < N
+    # int64 offsets: rows × stride can pass 2³¹ for large batches of wide layers.
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
+    y_rows = y_ptr + rm.to(tl.int64)[:, None] * stride_ym
+    b_cols = b_ptr + rn.to(tl.int64)[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
+    if BIAS_GRAD:
+        dsum = tl.zeros((BLOCK_M,), dtype=c_ptr.dtype.element_ty)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        mask_k = kk < K
+        a_mask = mask_m[:, None] & mask_k[None, :]
+        a = tl.load(a_rows + kk.to(tl.int64)[None, :] * stride_ak, mask=a_mask, other=0.0)
+        if PROLOGUE_ELU_GRAD:
+            y = tl.load(y_rows + kk.to(tl.int64)[None, :] * stride_yk, mask=a_mask, other=0.0)
+            a = tl.where(y > 0, a, a * (y + 1.0))
+        if BIAS_GRAD:
+            dsum += tl.sum(a, axis=1)
+        b = tl.load(b_cols + kk.to(tl.int64)[:, None] * stride_bk,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if PRECISION == "bf16":
+            acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc, out_dtype=tl.float32)
+        elif PRECISION == "bf16_emulated":
+            acc = tl.dot(_round_bf16(a), _round_bf16(b), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0)[None, :]
+    if EPILOGUE_ELU:
+        # exp of the positive side is discarded; clamp it so it never overflows to inf.
+        acc = tl.where(acc > 0, acc, tl.exp(tl.minimum(acc, 0.0)) - 1.0)
+    c = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+    tl.store(c, acc, mask=mask_m[:, None] & mask_n[None, :])
+    if BIAS_GRAD:
+        if pid_n == 0:
+            tl.store(dbias_ptr + rm, dsum, mask=mask_m)
+
+
+def _check_precision(precision: str, dtype: torch.dtype) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"elu_mlp kernels take float32 or float64, got {dtype}")
+    if dtype == torch.float64 and precision != "ieee":
+        raise ValueError(f"precision {precision!r} is for float32 tensors; float64 runs 'ieee'")
+
+
+def _launch(a, a_strides, b, b_strides, c, M, N, K, *, bias=None, epilogue_elu=False,
+            y=None, y_strides=(0, 0), dbias=None, precision="ieee"):
+    """C (M, N) = op(A) · B on views given by (row, reduction) strides of A and (reduction, col) of B."""
+    bm, bn, bk = BLOCKS["BLOCK_M"], BLOCKS["BLOCK_N"], BLOCKS["BLOCK_K"]
+    # At least one column of programs even when N = 0, so a bias gradient is still written.
+    grid = (triton.cdiv(M, bm), max(triton.cdiv(N, bn), 1))
+    if M == 0 or (N == 0 and dbias is None):
+        return
+    _matmul_kernel[grid](
+        a, b, c, bias if bias is not None else c, y if y is not None else a,
+        dbias if dbias is not None else c,
+        M, N, K, a_strides[0], a_strides[1], b_strides[0], b_strides[1],
+        c.stride(0), c.stride(1), y_strides[0], y_strides[1],
+        HAS_BIAS=bias is not None, EPILOGUE_ELU=epilogue_elu,
+        PROLOGUE_ELU_GRAD=y is not None, BIAS_GRAD=dbias is not None,
+        PRECISION="bf16_emulated" if precision == "bf16" and _INTERPRET else precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+
+
+# -- one layer as a custom op ---------------------------------------------------------------------
+@torch.library.custom_op("aimnet_fast::linear_elu", mutates_args=())
+def linear_elu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], elu: bool,
+               precision: str = "ieee") -> torch.Tensor:
+    """y = ELU(x · weightᵀ + bias) (ELU only if ``elu``): x (M, K), weight (N, K), bias (N,) → (M, N)."""
+    _check_precision(precision, x.dtype)
+    x = x.contiguous()
+    weight = weight.contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    out = _alloc((M, N), x)
+    _launch(x, (x.stride(0), x.stride(1)), weight, (weight.stride(1), weight.stride(0)), out,
+            M, N, K, bias=bias.contiguous() if bias is not None else None, epilogue_elu=elu,
+            precision=precision)
+    return out
+
+
+@linear_elu.register_fake
+def _(x, weight, bias, elu, precision="ieee"):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("aimnet_fast::linear_elu_backward", mutates_args=())
+def linear_elu_backward(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                        weight: torch.Tensor, elu: bool, need_input_grad: bool,
+                        precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``linear_elu`` from grad (M, N) and the saved output ``out`` (M, N).
+
+    Returns grad_x (M, K) (empty (0,) if not ``need_input_grad``), grad_weight (N, K), grad_bias (N,).
+    """
+    grad = grad.contiguous()
+    x = x.contiguous()
+    weight = weight.contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    y = out if elu else None
+    ys = (out.stride(0), out.stride(1))
+    ys_t = (out.stride(1), out.stride(0))
+    grad_w = _alloc((N, K), x)
+    grad_b = _alloc((N,), x)
+    # grad_W (N, K) = grad_preᵀ (N, M) · x (M, K); the same launch writes grad_b. An empty
+    # reduction (M = 0) runs zero loop iterations and writes zeros. With K = 0, grad_W is empty
+    # but grad_b is not: _launch keeps one column of programs so grad_b is still written.
+    _launch(grad, (grad.stride(1), grad.stride(0)), x, (x.stride(0), x.stride(1)), grad_w,
+            N, K, M, y=y, y_strides=ys_t, dbias=grad_b, precision=precision)
+    if not need_input_grad:
+        return x.new_empty(0), grad_w, grad_b
+    grad_x = _alloc((M, K), x)
+    # grad_x (M, K) = grad_pre (M, N) · W (N, K)
+    _launch(grad, (grad.stride(0), grad.stride(1)), weight, (weight.stride(0), weight.stride(1)),
+            grad_x, M, K, N, y=y, y_strides=ys, precision=precision)
+    return grad_x, grad_w, grad_b
+
+
+@linear_elu_backward.register_fake
+def _(grad, out, x, weight, elu, need_input_grad, precision="ieee"):
+    grad_x = x.new_empty(x.shape) if need_input_grad else x.new_empty(0)
+    return grad_x, weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, elu, precision = inputs
+    ctx.save_for_backward(x, weight, output)
+    ctx.elu = elu
+    ctx.precision = precision
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, out = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    grad_x, grad_w, grad_b = linear_elu_backward(grad, out, x, weight, ctx.elu, need_x,
+                                                 ctx.precision)
+    return (grad_x if need_x else None,
+            grad_w if ctx.needs_input_grad[1] else None,
+            grad_b if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None)
+
+
+linear_elu.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- the stack ------------------------------------------------------------------------------------
+def mlp_layers(layers: nn.Sequential) -> list[tuple[nn.Linear, bool]]:
+    """(linear, followed_by_elu) for each linear layer of an ``aimnet_fast.model.elu_mlp`` stack."""
+    mods = list(layers)
+    plan: list[tuple[nn.Linear, bool]] = []
+    i = 0
+    while i < len(mods):
+        lin = mods[i]
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"elu_mlp expects Linear at index {i}, got {type(lin).__name__}")
+        act = i + 1 < len(mods) and isinstance(mods[i + 1], nn.ELU)
+        if act and mods[i + 1].alpha != 1.0:
+            raise ValueError(f"ELU at index {i + 1} has alpha {mods[i + 1].alpha}; the kernel uses 1")
+        plan.append((lin, act))
+        i += 2 if act else 1
+    return plan
+
+
+def elu_mlp(x: torch.Tensor, layers: nn.Sequential, precision: str = "ieee") -> torch.Tensor:
+    """Run ``layers`` (Linear, ELU, Linear, …) on x (M, K) with one fused kernel per layer → (M, out).
+
+    Gradients reach x and every weight and bias as ordinary autograd gradients.
+    """
+    for lin, act in mlp_layers(layers):
+        x = linear_elu(x, lin.weight, lin.bias, act, precision)
+    return x
+
+
+# -- ahead-of-time configurations for bench/kernel_report.py ---------------------------------------
+def _spec(name, dtype, **flags):
+    sig = {"a_ptr": dtype, "b_ptr": dtype, "c_ptr": dtype, "bias_ptr": dtype, "y_ptr": dtype,
+           "dbias_ptr": dtype, "M": "i32", "N": "i32", "K": "i32",
+           "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
+           "stride_cm": "i32", "stride_cn": "i32", "stride_ym": "i32", "stride_yk": "i32"}
+    constexprs = {"HAS_BIAS": False, "EPILOGUE_ELU": False, "PROLOGUE_ELU_GRAD": False,
+                  "BIAS_GRAD": False, "PRECISION": "ieee", **BLOCKS}
+    constexprs.update(flags)
+    for k in constexprs:
+        sig[k] = "constexpr"
+    return {"name": name, "fn": _matmul_kernel, "signature": sig, "constexprs": constexprs,
+            "num_warps": NUM_WARPS}
+
+
+AOT_SPECS = [
+    _spec("mlp_fwd_bias_elu_ieee", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True),
+    _spec("mlp_fwd_bias_elu_tf32", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True, PRECISION="tf32"),
+    _spec("mlp_fwd_bias_elu_bf16", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True, PRECISION="bf16"),
+    _spec("mlp_bwd_input_elu_tf32", "*fp32", PROLOGUE_ELU_GRAD=True, PRECISION="tf32"),
+    _spec("mlp_bwd_weight_bias_elu_tf32", "*fp32", PROLOGUE_ELU_GRAD=True, BIAS_GRAD=True,
+          PRECISION="tf32"),
+    _spec("mlp_bwd_weight_bias_elu_ieee", "*fp32", PROLOGUE_ELU_GRAD=True, BIAS_GRAD=True),
+]

@@ -1,0 +1,245 @@
+"""Radial AEV fused with its contraction over neighbor features, in Triton.
+
+x_r[i, s, f] = Σ_j g_r(r_ij)[s] · afv[j, f], with g_r(r)[s] = exp(−η (r − R_s)²) · fc(r; 4.6 Å):
+same math and signature as ``aimnet_fast.aev.radial_contract``. g_r is computed on the fly in
+registers and never written to memory.
+
+- forward: one program per (atom, feature tile) walks the atom's CSR neighbor list.
+- backward: one program per atom walks its own list once and gathers both gradients. g_r is
+  symmetric in (i, j) and the list holds both directions, so grad afv[j] = Σ_i Σ_s g_r(r_ij)[s]·
+  grad_out[i, s] is a gather over j's own list, and each atom collects the coordinate gradient of
+  both directions of its pairs itself: no atomics, deterministic.
+- double backward (force training) is not provided: it raises, naming backend='torch'.
+
+Shapes: coord (N, 3) Å; pairs (2, P) int64 ordered (i, j), sorted by i, both directions present;
+afv (N, F) → (N, 16, F), in the dtype of afv (float32 or float64, same as coord).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from aimnet_fast.constants import N_RADIAL, RADIAL_CUTOFF_A, RADIAL_ETA_PER_A2, RADIAL_SHIFTS_A
+
+from ._aev_common import (DOUBLE_BACKWARD_MESSAGE, check_inputs, cosine_cutoff,
+                          cosine_cutoff_grad, csr_starts)
+
+# The kernels rebuild the shells as R0 + DR·s; make sure that is the model's table.
+_R0, _DR = 0.5, 0.25625
+assert N_RADIAL == 16 and all(abs(r - (_R0 + _DR * s)) < 1e-15 for s, r in enumerate(RADIAL_SHIFTS_A))
+RC = tl.constexpr(RADIAL_CUTOFF_A)
+ETA = tl.constexpr(RADIAL_ETA_PER_A2)
+R0 = tl.constexpr(_R0)
+DR = tl.constexpr(_DR)
+NS = tl.constexpr(N_RADIAL)
+
+BLOCK_P = 16   # neighbors per step of the list walk
+BLOCK_F = 16   # features per program (the model has F = 16)
+
+
+@triton.jit
+def _radial_g(d):
+    """g (P, 16) for distances d (P,) in Å."""
+    shift = tl.arange(0, NS).to(d.dtype) * DR + R0
+    x = d[:, None] - shift[None, :]
+    return tl.exp((x * x) * (-ETA)) * cosine_cutoff(d, RC)[:, None]
+
+
+@triton.jit
+def _radial_terms(d):
+    """g (P, 16) and dg/dd (P, 16, Å⁻¹) for distances d (P,) in Å."""
+    shift = tl.arange(0, NS).to(d.dtype) * DR + R0
+    x = d[:, None] - shift[None, :]
+    gauss = tl.exp((x * x) * (-ETA))
+    fc = cosine_cutoff(d, RC)
+    dfc = cosine_cutoff_grad(d, RC)
+    return gauss * fc[:, None], gauss * (dfc[:, None] - x * fc[:, None] * (2.0 * ETA))
+
+
+@triton.jit
+def _pair_geometry(coord_ptr, nbr_ptr, offs_p, mask_p, xi, yi, zi):
+    """Neighbor indices j (P,), bond vector r_j − r_i (Å) and its length; padded lanes get d = 1."""
+    j = tl.load(nbr_ptr + offs_p, mask=mask_p, other=0)
+    dx = tl.load(coord_ptr + j * 3 + 0, mask=mask_p, other=0.0) - xi
+    dy = tl.load(coord_ptr + j * 3 + 1, mask=mask_p, other=0.0) - yi
+    dz = tl.load(coord_ptr + j * 3 + 2, mask=mask_p, other=0.0) - zi
+    d = tl.sqrt(dx * dx + dy * dy + dz * dz)
+    d = tl.where(mask_p, d, 1.0)
+    return j, dx, dy, dz, d
+
+
+@triton.jit
+def radial_fwd_kernel(coord_ptr, nbr_ptr, start_ptr, afv_ptr, out_ptr, F,
+                      BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr):
+    """out[i, s, f] for one atom i = program 0 and one feature tile = program 1."""
+    i = tl.program_id(0).to(tl.int64)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < F
+    xi = tl.load(coord_ptr + i * 3 + 0)
+    yi = tl.load(coord_ptr + i * 3 + 1)
+    zi = tl.load(coord_ptr + i * 3 + 2)
+    p_lo = tl.load(start_ptr + i)
+    p_hi = tl.load(start_ptr + i + 1)
+    acc = tl.zeros((NS, BLOCK_F), dtype=out_ptr.dtype.element_ty)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < p_hi
+        j, dx, dy, dz, d = _pair_geometry(coord_ptr, nbr_ptr, offs_p, mask_p, xi, yi, zi)
+        g = tl.where(mask_p[:, None], _radial_g(d), 0.0)
+        a = tl.load(afv_ptr + j[:, None] * F + offs_f[None, :],
+                    mask=mask_p[:, None] & mask_f[None, :], other=0.0)
+        acc += tl.sum(g[:, :, None] * a[:, None, :], axis=0)
+    s = tl.arange(0, NS)
+    tl.store(out_ptr + i * (NS * F) + s[:, None] * F + offs_f[None, :], acc, mask=mask_f[None, :])
+
+
+@triton.jit
+def radial_bwd_kernel(coord_ptr, nbr_ptr, start_ptr, afv_ptr, gout_ptr, gafv_ptr, gcoord_ptr, F,
+                      BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr):
+    """grad afv[i, :] and grad coord[i, :] for one atom i, from its own neighbor list.
+
+    With c_ij[s] = grad_out[i, s]·afv[j] and c_ji[s] = grad_out[j, s]·afv[i], the pair's distance
+    gets dL/dr_ij = Σ_s g'_s(r_ij)(c_ij[s] + c_ji[s]) from both directions, and atom i gets
+    −dL/dr_ij · (r_j − r_i)/r_ij.
+    """
+    i = tl.program_id(0).to(tl.int64)
+    xi = tl.load(coord_ptr + i * 3 + 0)
+    yi = tl.load(coord_ptr + i * 3 + 1)
+    zi = tl.load(coord_ptr + i * 3 + 2)
+    p_lo = tl.load(start_ptr + i)
+    p_hi = tl.load(start_ptr + i + 1)
+    s = tl.arange(0, NS)
+    gx = tl.zeros((BLOCK_P,), dtype=gcoord_ptr.dtype.element_ty)
+    gy = tl.zeros((BLOCK_P,), dtype=gcoord_ptr.dtype.element_ty)
+    gz = tl.zeros((BLOCK_P,), dtype=gcoord_ptr.dtype.element_ty)
+    for f0 in range(0, F, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < F
+        a_i = tl.load(afv_ptr + i * F + offs_f, mask=mask_f, other=0.0)
+        go_i = tl.load(gout_ptr + i * (NS * F) + s[:, None] * F + offs_f[None, :],
+                       mask=mask_f[None, :], other=0.0)
+        acc_a = tl.zeros((BLOCK_F,), dtype=gafv_ptr.dtype.element_ty)
+        for p0 in range(p_lo, p_hi, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < p_hi
+            j, dx, dy, dz, d = _pair_geometry(coord_ptr, nbr_ptr, offs_p, mask_p, xi, yi, zi)
+            g, dg = _radial_terms(d)
+            g = tl.where(mask_p[:, None], g, 0.0)
+            mask_pf = mask_p[:, None] & mask_f[None, :]
+            a_j = tl.load(afv_ptr + j[:, None] * F + offs_f[None, :], mask=mask_pf, other=0.0)
+            go_j = tl.load(gout_ptr + j[:, None, None] * (NS * F) + s[None, :, None] * F
+                           + offs_f[None, None, :], mask=mask_pf[:, None, :], other=0.0)
+            acc_a += tl.sum(tl.sum(g[:, :, None] * go_j, axis=1), axis=0)
+            c = tl.sum(go_i[None, :, :] * a_j[:, None, :] + go_j * a_i[None, None, :], axis=2)
+            w = tl.sum(dg * c, axis=1)
+            w = tl.where(mask_p, w / d, 0.0)
+            gx -= w * dx
+            gy -= w * dy
+            gz -= w * dz
+        tl.store(gafv_ptr + i * F + offs_f, acc_a, mask=mask_f)
+    tl.store(gcoord_ptr + i * 3 + 0, tl.sum(gx, axis=0))
+    tl.store(gcoord_ptr + i * 3 + 1, tl.sum(gy, axis=0))
+    tl.store(gcoord_ptr + i * 3 + 2, tl.sum(gz, axis=0))
+
+
+# ---------------------------------------------------------------- launch functions (no policy)
+
+def radial_forward(coord, nbr, starts, afv, block_p: int = BLOCK_P, block_f: int = BLOCK_F):
+    """Launch the forward. nbr = pairs[1] (P,), starts (N + 1,) CSR row starts → (N, 16, F)."""
+    n, f = coord.shape[0], afv.shape[1]
+    out = torch.empty(n, N_RADIAL, f, dtype=afv.dtype, device=afv.device)
+    if n and f:
+        radial_fwd_kernel[(n, triton.cdiv(f, block_f))](coord, nbr, starts, afv, out, f,
+                                                        BLOCK_P=block_p, BLOCK_F=block_f)
+    else:
+        out.zero_()
+    return out
+
+
+def radial_backward(grad_out, coord, nbr, starts, afv, block_p: int = BLOCK_P,
+                    block_f: int = BLOCK_F):
+    """Launch the backward → (grad coord (N, 3), grad afv (N, F))."""
+    n, f = coord.shape[0], afv.shape[1]
+    gcoord = torch.empty_like(coord)
+    gafv = torch.empty_like(afv)
+    if n:
+        radial_bwd_kernel[(n,)](coord, nbr, starts, afv, grad_out, gafv, gcoord, f,
+                                BLOCK_P=block_p, BLOCK_F=block_f)
+    return gcoord, gafv
+
+
+# ---------------------------------------------------------------- torch op and autograd
+
+@torch.library.custom_op("aimnet_fast::radial_contract", mutates_args=())
+def _radial_op(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor) -> torch.Tensor:
+    starts = csr_starts(pairs[0], coord.shape[0])
+    return radial_forward(coord, pairs[1].contiguous(), starts, afv)
+
+
+@_radial_op.register_fake
+def _(coord, pairs, afv):
+    return afv.new_empty(coord.shape[0], N_RADIAL, afv.shape[1])
+
+
+@torch.library.custom_op("aimnet_fast::radial_contract_backward", mutates_args=())
+def _radial_bwd_op(grad_out: torch.Tensor, coord: torch.Tensor, pairs: torch.Tensor,
+                   afv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    starts = csr_starts(pairs[0], coord.shape[0])
+    return radial_backward(grad_out, coord, pairs[1].contiguous(), starts, afv)
+
+
+@_radial_bwd_op.register_fake
+def _(grad_out, coord, pairs, afv):
+    return torch.empty_like(coord), torch.empty_like(afv)
+
+
+def _setup_context(ctx, inputs, output):
+    coord, pairs, afv = inputs
+    ctx.save_for_backward(coord, pairs, afv)
+
+
+def _backward(ctx, grad_out):
+    coord, pairs, afv = ctx.saved_tensors
+    gcoord, gafv = _radial_bwd_op(grad_out.contiguous(), coord, pairs, afv)
+    return gcoord, None, gafv
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(op="radial_contract"))
+
+
+_radial_op.register_autograd(_backward, setup_context=_setup_context)
+_radial_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor) -> torch.Tensor:
+    """x_r[i, s, f] = Σ_j g_r(r_ij)[s] · afv[j, f].
+
+    coord (N, 3) Å; pairs (2, P) int64 ordered (i, j), sorted by i, both directions present;
+    afv (N, F) in coord's dtype → (N, 16, F). Differentiable in coord and afv (once).
+    """
+    check_inputs("radial_contract", coord, afv)
+    return _radial_op(coord.contiguous(), pairs.contiguous(), afv.contiguous())
+
+
+# ---------------------------------------------------------------- ahead-of-time configurations
+
+def _specs():
+    specs = []
+    for fp in ("fp32", "fp64"):
+        specs.append({"name": f"radial_fwd_{fp}", "fn": radial_fwd_kernel,
+                      "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64", "start_ptr": "*i64",
+                                    "afv_ptr": f"*{fp}", "out_ptr": f"*{fp}", "F": "i32",
+                                    "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"},
+                      "constexprs": {"BLOCK_P": BLOCK_P, "BLOCK_F": BLOCK_F}})
+        specs.append({"name": f"radial_bwd_{fp}", "fn": radial_bwd_kernel,
+                      "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64", "start_ptr": "*i64",
+                                    "afv_ptr": f"*{fp}", "gout_ptr": f"*{fp}", "gafv_ptr": f"*{fp}",
+                                    "gcoord_ptr": f"*{fp}", "F": "i32",
+                                    "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"},
+                      "constexprs": {"BLOCK_P": BLOCK_P, "BLOCK_F": BLOCK_F}})
+    return specs
+
+
+AOT_SPECS = _specs()

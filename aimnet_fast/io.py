@@ -25,6 +25,9 @@ import torch
 from .batch import Batch, InputError
 from .constants import ELEMENTS, PERIODIC_TABLE
 
+#: A small bundled multi-frame XYZ file (see examples/README.md).
+EXAMPLE_XYZ = Path(__file__).resolve().parent / "examples" / "molecules.xyz"
+
 _SYMBOL_TO_Z = {s.lower(): z for z, s in enumerate(PERIODIC_TABLE) if z > 0}
 _KEY_VALUE = re.compile(r'^\s*[A-Za-z_][\w.-]*\s*=')
 

@@ -61,10 +61,15 @@ class Frame:
 
 
 def frame_label(source: str, index: int, comment: str) -> str:
+    """``"FILE frame K (comment)"``, the comment shortened to 80 characters."""
+    return f"{source} {frame_desc(index, comment)}"
+
+
+def frame_desc(index: int, comment: str) -> str:
     c = comment.strip()
     if len(c) > 80:
         c = c[:77] + "..."
-    return f"{source} frame {index} ({c})" if c else f"{source} frame {index}"
+    return f"frame {index} ({c})" if c else f"frame {index}"
 
 
 def element_number(symbol: str) -> int | None:
@@ -140,28 +145,32 @@ def parse_xyz(text: str, source: str = "<string>") -> list[Frame]:
         index = len(frames)
         count_line = pos + 1
         head = lines[pos].split()
-        where = f"{source} line {count_line}"
         if len(head) != 1 or not head[0].lstrip("+").isdigit():
             hint = ""
             if frames:
                 prev = frames[-1]
-                hint = (f"; does the atom count {len(prev.numbers)} of {prev.label} (line "
-                        f"{prev.line}) match its atom lines?")
-            raise InputError(f"{where}: expected the atom count of frame {index}, found "
-                             f"{lines[pos].strip()!r}{hint}")
+                hint = (f"; does the atom count {len(prev.numbers)} of "
+                        f"{frame_desc(prev.index, prev.comment)} (line {prev.line}) match its "
+                        f"atom lines?")
+            raise InputError(f"{source} line {count_line}: expected the atom count of frame "
+                             f"{index}, found {lines[pos].strip()!r}{hint}")
         n_atoms = int(head[0])
         if pos + 1 >= n_lines:
-            raise InputError(f"{where}: {frame_label(source, index, '')}: truncated file: the "
+            raise InputError(f"{source} line {count_line}, frame {index}: truncated file: the "
                              f"comment line and {n_atoms} atom lines are missing")
         comment = lines[pos + 1].strip()
-        label = frame_label(source, index, comment)
+        desc = frame_desc(index, comment)
+
+        def error(line: int, msg: str) -> InputError:
+            return InputError(f"{source} line {line}, {desc}: {msg}")
+
         if n_atoms == 0:
-            raise InputError(f"{where}: {label}: empty molecule (atom count 0)")
+            raise error(count_line, "empty molecule (atom count 0)")
         info = _parse_comment(comment)
         if info is not None and _is_periodic(info):
-            raise InputError(f"{source} line {count_line + 1}: {label}: periodic boundary "
-                             f"conditions (pbc/Lattice) are not supported; AIMNet is a molecular "
-                             f"model: write the frame with pbc=\"F F F\" or as plain XYZ")
+            raise error(count_line + 1, "periodic boundary conditions (pbc/Lattice) are not "
+                        "supported; AIMNet is a molecular model: write the frame with "
+                        "pbc=\"F F F\" or as plain XYZ")
         # Columns of the element symbol and of x, y, z, and how many fields an atom line has.
         species_col, pos_col, n_fields = 0, 1, 4
         if info is not None:
@@ -169,7 +178,7 @@ def parse_xyz(text: str, source: str = "<string>") -> list[Frame]:
             try:
                 props = _parse_properties(str(info[props_key]))
             except ValueError as e:
-                raise InputError(f"{source} line {count_line + 1}: {label}: {e}") from None
+                raise error(count_line + 1, str(e)) from None
             col, species_col, pos_col = 0, None, None
             for name, typ, cols in props:
                 if name.lower() == "species" and typ == "S" and cols == 1:
@@ -178,40 +187,38 @@ def parse_xyz(text: str, source: str = "<string>") -> list[Frame]:
                     pos_col = col
                 col += cols
             if species_col is None or pos_col is None:
-                raise InputError(f"{source} line {count_line + 1}: {label}: Properties= must "
-                                 f"contain species:S:1 and pos:R:3, found {info[props_key]!r}")
+                raise error(count_line + 1, f"Properties= must contain species:S:1 and pos:R:3, "
+                            f"found {info[props_key]!r}")
             n_fields = col
         numbers: list[int] = []
         coord: list[list[float]] = []
         for a in range(n_atoms):
             ln = pos + 2 + a
             if ln >= n_lines:
-                raise InputError(f"{source} line {ln + 1}: {label}: truncated file: the atom "
-                                 f"count (line {count_line}) announces {n_atoms} atoms, the file "
-                                 f"ends after {a}")
+                raise error(ln + 1, f"truncated file: the atom count (line {count_line}) "
+                            f"announces {n_atoms} atoms, the file ends after {a}")
             fields = lines[ln].split()
-            lwhere = f"{source} line {ln + 1}: {label}"
             if len(fields) == 1 and fields[0].isdigit():
-                raise InputError(f"{lwhere}: found {fields[0]!r} where atom {a} was expected: "
-                                 f"the atom count (line {count_line}) announces {n_atoms} atoms "
-                                 f"but only {a} atom lines follow")
+                raise error(ln + 1, f"found {fields[0]!r} where atom {a} was expected: the atom "
+                            f"count (line {count_line}) announces {n_atoms} atoms but only {a} "
+                            f"atom lines follow")
             if not fields:
-                raise InputError(f"{lwhere}: blank line where atom {a} of {n_atoms} was expected "
-                                 f"(does the atom count on line {count_line} match?)")
+                raise error(ln + 1, f"blank line where atom {a} of {n_atoms} was expected (does "
+                            f"the atom count on line {count_line} match?)")
             if len(fields) != n_fields:
                 expect = ("element x y z" if info is None
                           else f"{n_fields} fields per Properties=")
-                raise InputError(f"{lwhere}: atom line has {len(fields)} fields, expected "
-                                 f"{n_fields} ({expect}): {lines[ln].strip()!r}")
+                raise error(ln + 1, f"atom line has {len(fields)} fields, expected {n_fields} "
+                            f"({expect}): {lines[ln].strip()!r}")
             sym = fields[species_col]
             z = element_number(sym)
             if z is None:
-                raise InputError(f"{lwhere}: unknown element {sym!r} (atom {a})")
+                raise error(ln + 1, f"unknown element {sym!r} (atom {a})")
             try:
                 xyz = [_float(t) for t in fields[pos_col:pos_col + 3]]
             except ValueError:
-                raise InputError(f"{lwhere}: non-numeric coordinate in "
-                                 f"{' '.join(fields[pos_col:pos_col + 3])!r} (atom {a})") from None
+                raise error(ln + 1, f"non-numeric coordinate in "
+                            f"{' '.join(fields[pos_col:pos_col + 3])!r} (atom {a})") from None
             numbers.append(z)
             coord.append(xyz)
         frames.append(Frame(numbers, coord, comment, index, source, count_line, info or {}))

@@ -1,0 +1,394 @@
+"""Angular AEV fused with its contraction over pair features, in Triton.
+
+x_a[i, c, f] = Σ_{j<k} g_a(i; j, k)[c] · p_jk[f], channel c = z·4 + a, with
+g_a = 2^(1−ζ) (1 + cos(θ_ijk − θ_z))^ζ · exp(−η ((r_ij + r_ik)/2 − R_a)²) · fc(r_ij) fc(r_ik),
+same math and signature as ``aimnet_fast.aev.angular_contract``. cos θ is clamped to ±0.99999 as in
+the reference; cos(θ − θ_z) = cos θ cos θ_z + sin θ sin θ_z with sin θ = sqrt(1 − cos²θ) ≥ 0 (θ in
+[0, π]) is the same function without arccos. g_a is computed in registers, never stored.
+
+- forward: one program per (centre atom, feature tile) walks the centre's triplets (sorted by i).
+- backward, three deterministic kernels, no atomics:
+  1. per centre atom: dL/dg from grad_out[i]·p_jk, then per triplet the gradients wrt the two bond
+     vectors r_ij, r_ik (written, 6 numbers per triplet) and their sum onto the centre;
+  2. per unique pair: grad p_jk = Σ over the triplets of that pair (stably sorted by pair) of
+     Σ_c g_a[c] · grad_out[i, c];
+  3. per atom: its centre part plus the bond-vector gradients of the triplets where it is j or k
+     (stably sorted by j and by k).
+- double backward (force training) is not provided: it raises, naming backend='torch'.
+
+Shapes: coord (N, 3) Å; triplets (3, T) int64 rows i, j, k (j<k), sorted by i; pair_feat (Q, F);
+triplet_pair (T,) int64 into pair_feat → (N, 32, F) in pair_feat's dtype (float32 or float64,
+same as coord).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from aimnet_fast.constants import (ANGULAR_CUTOFF_A, ANGULAR_ETA_PER_A2, ANGULAR_SECTORS_RAD,
+                                   ANGULAR_SHIFTS_A, ANGULAR_ZETA, COS_CLAMP, N_ANGULAR)
+
+from ._aev_common import (DOUBLE_BACKWARD_MESSAGE, PI, check_inputs, cosine_cutoff,
+                          cosine_cutoff_grad, csr_starts, group_by)
+
+# The kernels rebuild the tables as θ_z = z·π/4 and R_a = 0.5 + 0.65·a, and raise to the power ζ = 8
+# by three squarings; make sure those are the model's constants.
+_NZ, _NA = len(ANGULAR_SECTORS_RAD), len(ANGULAR_SHIFTS_A)
+assert (_NZ, _NA, N_ANGULAR, ANGULAR_ZETA) == (8, 4, 32, 8.0)
+assert all(abs(t - z * math.pi / 4) < 1e-15 for z, t in enumerate(ANGULAR_SECTORS_RAD))
+assert all(abs(r - (0.5 + 0.65 * a)) < 1e-15 for a, r in enumerate(ANGULAR_SHIFTS_A))
+RC = tl.constexpr(ANGULAR_CUTOFF_A)
+ETA = tl.constexpr(ANGULAR_ETA_PER_A2)
+CLAMP = tl.constexpr(COS_CLAMP)
+SCALE = tl.constexpr(2.0 ** (1.0 - ANGULAR_ZETA))
+NC = tl.constexpr(N_ANGULAR)
+NA = tl.constexpr(_NA)
+
+BLOCK_T = 16   # triplets per step of the list walk
+BLOCK_F = 16   # features per program (the model has F = 16)
+
+
+@triton.jit
+def _channel_tables(dtype: tl.constexpr):
+    """cos θ_z, sin θ_z and R_a (Å) for the 32 channels c = z·4 + a, each (32,)."""
+    c = tl.arange(0, NC)
+    sector = (c // NA).to(dtype) * (PI / 4)
+    return tl.cos(sector), tl.sin(sector), (c % NA).to(dtype) * 0.65 + 0.5
+
+
+@triton.jit
+def _bond_vectors(coord_ptr, i, j, k, mask):
+    """r_ij, r_ik (Å, three (T,) components each) and their lengths; padded lanes get length 1.
+    i may be one centre (scalar) or one per triplet."""
+    i = j * 0 + i
+    xi = tl.load(coord_ptr + i * 3 + 0, mask=mask, other=0.0)
+    yi = tl.load(coord_ptr + i * 3 + 1, mask=mask, other=0.0)
+    zi = tl.load(coord_ptr + i * 3 + 2, mask=mask, other=0.0)
+    ax = tl.load(coord_ptr + j * 3 + 0, mask=mask, other=0.0) - xi
+    ay = tl.load(coord_ptr + j * 3 + 1, mask=mask, other=0.0) - yi
+    az = tl.load(coord_ptr + j * 3 + 2, mask=mask, other=0.0) - zi
+    bx = tl.load(coord_ptr + k * 3 + 0, mask=mask, other=0.0) - xi
+    by = tl.load(coord_ptr + k * 3 + 1, mask=mask, other=0.0) - yi
+    bz = tl.load(coord_ptr + k * 3 + 2, mask=mask, other=0.0) - zi
+    d1 = tl.where(mask, tl.sqrt(ax * ax + ay * ay + az * az), 1.0)
+    d2 = tl.where(mask, tl.sqrt(bx * bx + by * by + bz * bz), 1.0)
+    return ax, ay, az, bx, by, bz, d1, d2
+
+
+@triton.jit
+def _angular_g(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift):
+    """g_a (T, 32) from the bond vectors."""
+    cos0 = (ax * bx + ay * by + az * bz) / (d1 * d2)
+    cc = tl.minimum(tl.maximum(cos0, -CLAMP), CLAMP)
+    sn = tl.sqrt(1.0 - cc * cc)
+    base = 1.0 + cc[:, None] * cz[None, :] + sn[:, None] * sz[None, :]
+    b2 = base * base
+    b4 = b2 * b2
+    x = (d1 + d2)[:, None] * 0.5 - shift[None, :]
+    rad = tl.exp((x * x) * (-ETA))
+    fc = cosine_cutoff(d1, RC) * cosine_cutoff(d2, RC) * SCALE
+    return (b4 * b4) * rad * fc[:, None]
+
+
+@triton.jit
+def _angular_vjp(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift, h):
+    """Given h = dL/dg_a (T, 32), the gradients dL/dr_ij and dL/dr_ik (three (T,) each, per Å)."""
+    cos0 = (ax * bx + ay * by + az * bz) / (d1 * d2)
+    cc = tl.minimum(tl.maximum(cos0, -CLAMP), CLAMP)
+    sn = tl.sqrt(1.0 - cc * cc)
+    base = 1.0 + cc[:, None] * cz[None, :] + sn[:, None] * sz[None, :]
+    b2 = base * base
+    b4 = b2 * b2
+    ang = b4 * b4
+    dang = (b4 * b2 * base) * 8.0 * (cz[None, :] - (cc / sn)[:, None] * sz[None, :])
+    x = (d1 + d2)[:, None] * 0.5 - shift[None, :]
+    rad = tl.exp((x * x) * (-ETA))
+    fc1 = cosine_cutoff(d1, RC)
+    fc2 = cosine_cutoff(d2, RC)
+    fc = fc1 * fc2 * SCALE
+    hr = h * rad
+    s_ang = tl.sum(hr * ang, axis=1) * SCALE                   # dL/d(fc1·fc2)
+    dl_dcos = tl.sum(hr * dang, axis=1) * fc
+    dl_dcos = tl.where((cos0 >= -CLAMP) & (cos0 <= CLAMP), dl_dcos, 0.0)
+    dl_dmean = tl.sum(hr * ang * x, axis=1) * fc * (-2.0 * ETA)
+    dl_dd1 = s_ang * cosine_cutoff_grad(d1, RC) * fc2 + 0.5 * dl_dmean
+    dl_dd2 = s_ang * fc1 * cosine_cutoff_grad(d2, RC) + 0.5 * dl_dmean
+    inv12 = dl_dcos / (d1 * d2)
+    u1 = dl_dd1 / d1 - dl_dcos * cos0 / (d1 * d1)
+    u2 = dl_dd2 / d2 - dl_dcos * cos0 / (d2 * d2)
+    return (u1 * ax + inv12 * bx, u1 * ay + inv12 * by, u1 * az + inv12 * bz,
+            u2 * bx + inv12 * ax, u2 * by + inv12 * ay, u2 * bz + inv12 * az)
+
+
+@triton.jit
+def angular_fwd_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, out_ptr, T, F,
+                       BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    """out[i, c, f] for one centre atom i = program 0 and one feature tile = program 1."""
+    i = tl.program_id(0).to(tl.int64)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < F
+    cz, sz, shift = _channel_tables(coord_ptr.dtype.element_ty)
+    t_lo = tl.load(start_ptr + i)
+    t_hi = tl.load(start_ptr + i + 1)
+    acc = tl.zeros((NC, BLOCK_F), dtype=out_ptr.dtype.element_ty)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_hi
+        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0)
+        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0)
+        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0)
+        ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_t)
+        g = _angular_g(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift)
+        g = tl.where(mask_t[:, None], g, 0.0)
+        p = tl.load(pf_ptr + q[:, None] * F + offs_f[None, :],
+                    mask=mask_t[:, None] & mask_f[None, :], other=0.0)
+        acc += tl.sum(g[:, :, None] * p[:, None, :], axis=0)
+    c = tl.arange(0, NC)
+    tl.store(out_ptr + i * (NC * F) + c[:, None] * F + offs_f[None, :], acc, mask=mask_f[None, :])
+
+
+@triton.jit
+def angular_bwd_centre_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, gout_ptr, dv_ptr,
+                              gcentre_ptr, T, F, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    """For centre atom i: dL/dr_ij, dL/dr_ik of each of its triplets into dv (T, 6), and
+    −Σ (dL/dr_ij + dL/dr_ik) into gcentre[i] (3,)."""
+    i = tl.program_id(0).to(tl.int64)
+    cz, sz, shift = _channel_tables(coord_ptr.dtype.element_ty)
+    c = tl.arange(0, NC)
+    t_lo = tl.load(start_ptr + i)
+    t_hi = tl.load(start_ptr + i + 1)
+    gx = tl.zeros((BLOCK_T,), dtype=gcentre_ptr.dtype.element_ty)
+    gy = tl.zeros((BLOCK_T,), dtype=gcentre_ptr.dtype.element_ty)
+    gz = tl.zeros((BLOCK_T,), dtype=gcentre_ptr.dtype.element_ty)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_hi
+        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0)
+        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0)
+        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0)
+        h = tl.zeros((BLOCK_T, NC), dtype=gcentre_ptr.dtype.element_ty)
+        for f0 in range(0, F, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            mask_f = offs_f < F
+            p = tl.load(pf_ptr + q[:, None] * F + offs_f[None, :],
+                        mask=mask_t[:, None] & mask_f[None, :], other=0.0)
+            go = tl.load(gout_ptr + i * (NC * F) + c[:, None] * F + offs_f[None, :],
+                         mask=mask_f[None, :], other=0.0)
+            h += tl.sum(p[:, None, :] * go[None, :, :], axis=2).to(h.dtype)
+        h = tl.where(mask_t[:, None], h, 0.0)
+        ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_t)
+        gax, gay, gaz, gbx, gby, gbz = _angular_vjp(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift, h)
+        tl.store(dv_ptr + offs_t * 6 + 0, gax, mask=mask_t)
+        tl.store(dv_ptr + offs_t * 6 + 1, gay, mask=mask_t)
+        tl.store(dv_ptr + offs_t * 6 + 2, gaz, mask=mask_t)
+        tl.store(dv_ptr + offs_t * 6 + 3, gbx, mask=mask_t)
+        tl.store(dv_ptr + offs_t * 6 + 4, gby, mask=mask_t)
+        tl.store(dv_ptr + offs_t * 6 + 5, gbz, mask=mask_t)
+        gx -= tl.where(mask_t, gax + gbx, 0.0)
+        gy -= tl.where(mask_t, gay + gby, 0.0)
+        gz -= tl.where(mask_t, gaz + gbz, 0.0)
+    tl.store(gcentre_ptr + i * 3 + 0, tl.sum(gx, axis=0))
+    tl.store(gcentre_ptr + i * 3 + 1, tl.sum(gy, axis=0))
+    tl.store(gcentre_ptr + i * 3 + 2, tl.sum(gz, axis=0))
+
+
+@triton.jit
+def angular_bwd_pair_kernel(coord_ptr, trip_ptr, order_ptr, start_ptr, gout_ptr, gpf_ptr, T, F,
+                            BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    """grad pair_feat[q, f] = Σ_{triplets of pair q} Σ_c g_a[c] · grad_out[i, c, f], for one pair q =
+    program 0 and one feature tile = program 1; triplets of q are order[start[q]:start[q+1]]."""
+    q = tl.program_id(0).to(tl.int64)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < F
+    cz, sz, shift = _channel_tables(coord_ptr.dtype.element_ty)
+    c = tl.arange(0, NC)
+    lo = tl.load(start_ptr + q)
+    hi = tl.load(start_ptr + q + 1)
+    acc = tl.zeros((BLOCK_F,), dtype=gpf_ptr.dtype.element_ty)
+    for s0 in range(lo, hi, BLOCK_T):
+        offs_s = s0 + tl.arange(0, BLOCK_T)
+        mask_s = offs_s < hi
+        t = tl.load(order_ptr + offs_s, mask=mask_s, other=0)
+        i = tl.load(trip_ptr + t, mask=mask_s, other=0)
+        j = tl.load(trip_ptr + T + t, mask=mask_s, other=0)
+        k = tl.load(trip_ptr + 2 * T + t, mask=mask_s, other=0)
+        ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_s)
+        g = _angular_g(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift)
+        g = tl.where(mask_s[:, None], g, 0.0)
+        go = tl.load(gout_ptr + i[:, None, None] * (NC * F) + c[None, :, None] * F
+                     + offs_f[None, None, :],
+                     mask=mask_s[:, None, None] & mask_f[None, None, :], other=0.0)
+        acc += tl.sum(tl.sum(g[:, :, None] * go, axis=1), axis=0)
+    tl.store(gpf_ptr + q * F + offs_f, acc, mask=mask_f)
+
+
+@triton.jit
+def angular_bwd_gather_kernel(dv_ptr, gcentre_ptr, order_j_ptr, start_j_ptr, order_k_ptr,
+                              start_k_ptr, gcoord_ptr, BLOCK_T: tl.constexpr):
+    """grad coord[a] = gcentre[a] + Σ_{t: j_t = a} dL/dr_ij(t) + Σ_{t: k_t = a} dL/dr_ik(t)."""
+    a = tl.program_id(0).to(tl.int64)
+    gx = tl.zeros((BLOCK_T,), dtype=gcoord_ptr.dtype.element_ty)
+    gy = tl.zeros((BLOCK_T,), dtype=gcoord_ptr.dtype.element_ty)
+    gz = tl.zeros((BLOCK_T,), dtype=gcoord_ptr.dtype.element_ty)
+    lo = tl.load(start_j_ptr + a)
+    hi = tl.load(start_j_ptr + a + 1)
+    for s0 in range(lo, hi, BLOCK_T):
+        offs_s = s0 + tl.arange(0, BLOCK_T)
+        mask_s = offs_s < hi
+        t = tl.load(order_j_ptr + offs_s, mask=mask_s, other=0)
+        gx += tl.load(dv_ptr + t * 6 + 0, mask=mask_s, other=0.0)
+        gy += tl.load(dv_ptr + t * 6 + 1, mask=mask_s, other=0.0)
+        gz += tl.load(dv_ptr + t * 6 + 2, mask=mask_s, other=0.0)
+    lo = tl.load(start_k_ptr + a)
+    hi = tl.load(start_k_ptr + a + 1)
+    for s0 in range(lo, hi, BLOCK_T):
+        offs_s = s0 + tl.arange(0, BLOCK_T)
+        mask_s = offs_s < hi
+        t = tl.load(order_k_ptr + offs_s, mask=mask_s, other=0)
+        gx += tl.load(dv_ptr + t * 6 + 3, mask=mask_s, other=0.0)
+        gy += tl.load(dv_ptr + t * 6 + 4, mask=mask_s, other=0.0)
+        gz += tl.load(dv_ptr + t * 6 + 5, mask=mask_s, other=0.0)
+    tl.store(gcoord_ptr + a * 3 + 0, tl.load(gcentre_ptr + a * 3 + 0) + tl.sum(gx, axis=0))
+    tl.store(gcoord_ptr + a * 3 + 1, tl.load(gcentre_ptr + a * 3 + 1) + tl.sum(gy, axis=0))
+    tl.store(gcoord_ptr + a * 3 + 2, tl.load(gcentre_ptr + a * 3 + 2) + tl.sum(gz, axis=0))
+
+
+# ---------------------------------------------------------------- launch functions (no policy)
+
+def angular_forward(coord, triplets, triplet_pair, starts, pair_feat, block_t: int = BLOCK_T,
+                    block_f: int = BLOCK_F):
+    """Launch the forward. triplets (3, T) contiguous, starts (N + 1,) row starts of triplets[0]
+    → (N, 32, F)."""
+    n, f, t = coord.shape[0], pair_feat.shape[1], triplets.shape[1]
+    out = torch.empty(n, N_ANGULAR, f, dtype=pair_feat.dtype, device=pair_feat.device)
+    if n and f:
+        angular_fwd_kernel[(n, triton.cdiv(f, block_f))](coord, triplets, triplet_pair, starts,
+                                                         pair_feat, out, t, f,
+                                                         BLOCK_T=block_t, BLOCK_F=block_f)
+    else:
+        out.zero_()
+    return out
+
+
+def angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat, block_t: int = BLOCK_T,
+                     block_f: int = BLOCK_F):
+    """Launch the three backward kernels → (grad coord (N, 3), grad pair_feat (Q, F)).
+
+    Index preparation (stable sorts by pair, by j and by k; row starts) is done here with torch.
+    """
+    n, (nq, f), t = coord.shape[0], pair_feat.shape, triplets.shape[1]
+    gcoord = torch.empty_like(coord)
+    gpf = torch.empty_like(pair_feat)
+    if n == 0:
+        return gcoord, gpf
+    starts_i = csr_starts(triplets[0], n)
+    order_q, starts_q = group_by(triplet_pair, nq)
+    order_j, starts_j = group_by(triplets[1], n)
+    order_k, starts_k = group_by(triplets[2], n)
+    dv = torch.empty(t, 6, dtype=coord.dtype, device=coord.device)
+    gcentre = torch.empty_like(coord)
+    angular_bwd_centre_kernel[(n,)](coord, triplets, triplet_pair, starts_i, pair_feat, grad_out,
+                                    dv, gcentre, t, f, BLOCK_T=block_t, BLOCK_F=block_f)
+    if nq and f:
+        angular_bwd_pair_kernel[(nq, triton.cdiv(f, block_f))](coord, triplets, order_q, starts_q,
+                                                               grad_out, gpf, t, f,
+                                                               BLOCK_T=block_t, BLOCK_F=block_f)
+    angular_bwd_gather_kernel[(n,)](dv, gcentre, order_j, starts_j, order_k, starts_k, gcoord,
+                                    BLOCK_T=block_t)
+    return gcoord, gpf
+
+
+# ---------------------------------------------------------------- torch op and autograd
+
+@torch.library.custom_op("aimnet_fast::angular_contract", mutates_args=())
+def _angular_op(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: torch.Tensor,
+                triplet_pair: torch.Tensor) -> torch.Tensor:
+    starts = csr_starts(triplets[0], coord.shape[0])
+    return angular_forward(coord, triplets, triplet_pair, starts, pair_feat)
+
+
+@_angular_op.register_fake
+def _(coord, triplets, pair_feat, triplet_pair):
+    return pair_feat.new_empty(coord.shape[0], N_ANGULAR, pair_feat.shape[1])
+
+
+@torch.library.custom_op("aimnet_fast::angular_contract_backward", mutates_args=())
+def _angular_bwd_op(grad_out: torch.Tensor, coord: torch.Tensor, triplets: torch.Tensor,
+                    pair_feat: torch.Tensor, triplet_pair: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    return angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat)
+
+
+@_angular_bwd_op.register_fake
+def _(grad_out, coord, triplets, pair_feat, triplet_pair):
+    return torch.empty_like(coord), torch.empty_like(pair_feat)
+
+
+def _setup_context(ctx, inputs, output):
+    coord, triplets, pair_feat, triplet_pair = inputs
+    ctx.save_for_backward(coord, triplets, pair_feat, triplet_pair)
+
+
+def _backward(ctx, grad_out):
+    coord, triplets, pair_feat, triplet_pair = ctx.saved_tensors
+    gcoord, gpf = _angular_bwd_op(grad_out.contiguous(), coord, triplets, pair_feat, triplet_pair)
+    return gcoord, None, gpf, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(op="angular_contract"))
+
+
+_angular_op.register_autograd(_backward, setup_context=_setup_context)
+_angular_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: torch.Tensor,
+                     triplet_pair: torch.Tensor) -> torch.Tensor:
+    """x_a[i, c, f] = Σ_{j<k} g_a(i; j, k)[c] · pair_feat[jk, f].
+
+    coord (N, 3) Å; triplets (3, T) int64 rows i, j, k, sorted by i; pair_feat (Q, F) in coord's
+    dtype; triplet_pair (T,) int64 → (N, 32, F). Differentiable in coord and pair_feat (once).
+    """
+    check_inputs("angular_contract", coord, pair_feat)
+    return _angular_op(coord.contiguous(), triplets.contiguous(), pair_feat.contiguous(),
+                       triplet_pair.contiguous())
+
+
+# ---------------------------------------------------------------- ahead-of-time configurations
+
+def _specs():
+    specs = []
+    blocks = {"BLOCK_T": BLOCK_T, "BLOCK_F": BLOCK_F}
+    for fp in ("fp32", "fp64"):
+        specs.append({"name": f"angular_fwd_{fp}", "fn": angular_fwd_kernel,
+                      "signature": {"coord_ptr": f"*{fp}", "trip_ptr": "*i64", "tp_ptr": "*i64",
+                                    "start_ptr": "*i64", "pf_ptr": f"*{fp}", "out_ptr": f"*{fp}",
+                                    "T": "i32", "F": "i32",
+                                    "BLOCK_T": "constexpr", "BLOCK_F": "constexpr"},
+                      "constexprs": dict(blocks)})
+        specs.append({"name": f"angular_bwd_centre_{fp}", "fn": angular_bwd_centre_kernel,
+                      "signature": {"coord_ptr": f"*{fp}", "trip_ptr": "*i64", "tp_ptr": "*i64",
+                                    "start_ptr": "*i64", "pf_ptr": f"*{fp}", "gout_ptr": f"*{fp}",
+                                    "dv_ptr": f"*{fp}", "gcentre_ptr": f"*{fp}", "T": "i32",
+                                    "F": "i32", "BLOCK_T": "constexpr", "BLOCK_F": "constexpr"},
+                      "constexprs": dict(blocks)})
+        specs.append({"name": f"angular_bwd_pair_{fp}", "fn": angular_bwd_pair_kernel,
+                      "signature": {"coord_ptr": f"*{fp}", "trip_ptr": "*i64", "order_ptr": "*i64",
+                                    "start_ptr": "*i64", "gout_ptr": f"*{fp}", "gpf_ptr": f"*{fp}",
+                                    "T": "i32", "F": "i32",
+                                    "BLOCK_T": "constexpr", "BLOCK_F": "constexpr"},
+                      "constexprs": dict(blocks)})
+        specs.append({"name": f"angular_bwd_gather_{fp}", "fn": angular_bwd_gather_kernel,
+                      "signature": {"dv_ptr": f"*{fp}", "gcentre_ptr": f"*{fp}",
+                                    "order_j_ptr": "*i64", "start_j_ptr": "*i64",
+                                    "order_k_ptr": "*i64", "start_k_ptr": "*i64",
+                                    "gcoord_ptr": f"*{fp}", "BLOCK_T": "constexpr"},
+                      "constexprs": {"BLOCK_T": BLOCK_T}})
+    return specs
+
+
+AOT_SPECS = _specs()

@@ -1,0 +1,317 @@
+"""``PackedDataset``: all conformers of one or more sources as flat arrays, and its packed cache.
+
+The first read of a source streams it group by group / chunk by chunk into flat ``.npy`` files
+(``CACHE_DIR/<file stem>-<key>/``, key = hash of the file's path, size, mtime and the normalized
+property map); later runs memory-map them. Nothing in the build holds more than one chunk of the file
+in memory, so a file larger than the RAM can be packed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .readers import iter_blocks, new_counts, normalize_source
+
+CACHE_VERSION = 1
+_HEADER_BYTES = 128  # fixed .npy header length, rewritten with the final shape when the file closes
+
+
+class _NpyWriter:
+    """Append rows to a .npy file whose length is unknown until the end."""
+
+    def __init__(self, path: Path):
+        self.path, self.f, self.dtype, self.tail, self.rows = path, open(path, "wb"), None, None, 0
+        self.f.write(b"\0" * _HEADER_BYTES)
+
+    def append(self, arr: np.ndarray):
+        if self.dtype is None:
+            self.dtype, self.tail = arr.dtype, arr.shape[1:]
+        if arr.dtype != self.dtype or arr.shape[1:] != self.tail:
+            raise ValueError(f"{self.path.name}: got {arr.dtype}{arr.shape}, "
+                             f"expected {self.dtype}(*, {self.tail})")
+        self.f.write(np.ascontiguousarray(arr).tobytes())
+        self.rows += arr.shape[0]
+
+    def close(self, dtype=None, tail=()):
+        if self.dtype is None:
+            self.dtype, self.tail = np.dtype(dtype), tuple(tail)
+        shape = (self.rows,) + tuple(self.tail)
+        d = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": shape})
+        head = d.encode("latin1")
+        pad = _HEADER_BYTES - 10 - len(head) - 1
+        if pad < 0:
+            raise ValueError("npy header too long")
+        self.f.seek(0)
+        self.f.write(b"\x93NUMPY\x01\x00" + struct.pack("<H", _HEADER_BYTES - 10) + head
+                     + b" " * pad + b"\n")
+        self.f.close()
+
+
+class _ListWriter:
+    def __init__(self):
+        self.parts, self.dtype, self.tail = [], None, None
+
+    def append(self, arr):
+        self.parts.append(np.array(arr))
+
+    def close(self, dtype=None, tail=()):
+        if not self.parts:
+            return np.zeros((0,) + tuple(tail), dtype)
+        return np.concatenate(self.parts)
+
+
+class PackedDataset:
+    """All conformers, flat (see the data API contract in ``aimnet_fast.data``).
+
+    numbers (A,) int64; coord (A, 3) float32 Å; conf_offsets (C+1,) int64; labels name -> (C, ...)
+    or (A, ...) with NaN where missing (energy float64 Ha, forces float32 Ha/Å true forces,
+    charges float32 e, volumes float32 bohr³); group (C,) int64 molecule/formula id; source (C,)
+    int16 index into ``sources``; n_atoms (C,) int64; n_conf (int).
+    """
+
+    def __init__(self, numbers, coord, conf_offsets, labels, group, source, sources, *,
+                 label_per, group_names, h5group, h5group_names, conf_index, counts):
+        self.numbers, self.coord, self.conf_offsets = numbers, coord, conf_offsets
+        self.labels, self.group, self.source, self.sources = labels, group, source, list(sources)
+        self.label_per = dict(label_per)          # name -> "atom" | "conformer"
+        self.group_names = list(group_names)      # group id -> "file:molecule-or-formula"
+        self.h5group, self.h5group_names = h5group, list(h5group_names)
+        self.conf_index = conf_index              # (C,) conformer index inside its HDF5 group
+        self.counts = counts                      # per source: read/used/skipped and label counts
+        self.n_atoms = np.diff(np.asarray(conf_offsets)).astype(np.int64)
+
+    @property
+    def n_conf(self) -> int:
+        return int(self.conf_offsets.shape[0] - 1)
+
+    def __len__(self) -> int:
+        return self.n_conf
+
+    def name(self, c: int) -> str:
+        """"file:group:conformer" of conformer ``c`` (the HDF5 group and index inside it)."""
+        c = int(c)
+        return (f"{self.sources[int(self.source[c])]}:{self.h5group_names[int(self.h5group[c])]}"
+                f":{int(self.conf_index[c])}")
+
+    def summary_dict(self) -> dict:
+        """Totals over all sources: conformers read/used/skipped and, per label, conformers with the
+        label (``used``), masked because NaN, all-zero or absent, and atoms with the label."""
+        tot = {"sources": len(self.sources), "conformers": self.n_conf,
+               "atoms": int(self.conf_offsets[-1]), "groups": len(self.group_names), "labels": {}}
+        for c in self.counts:
+            for k, v in c.items():
+                if k == "labels":
+                    for n, lc in v.items():
+                        t = tot["labels"].setdefault(n, {k2: 0 for k2 in lc})
+                        for k2, v2 in lc.items():
+                            t[k2] += v2
+                elif isinstance(v, int):
+                    tot[k] = tot.get(k, 0) + v
+        for n, t in tot["labels"].items():
+            # conformers of sources that never declared the label count as absent
+            t["absent"] += self.n_conf - sum(t[k] for k in ("used", "nan", "zero", "absent"))
+        return tot
+
+    def summary(self) -> str:
+        d = self.summary_dict()
+        lines = [f"{d['conformers']} conformers ({d['atoms']} atoms, {d['groups']} molecules/formulas) "
+                 f"from {d['sources']} source(s); read {d.get('conformers_read', 0)}, skipped: "
+                 f"{d.get('skipped_unknown_element', 0)} unknown element, "
+                 f"{d.get('skipped_bad_coord', 0)} bad coordinates, {d.get('skipped_charged', 0)} charged"]
+        for n, t in d["labels"].items():
+            atoms = f" ({t['atoms_used']} atoms)" if self.label_per.get(n) == "atom" else ""
+            lines.append(f"  {n}: used {t['used']} conformers{atoms}; missing: "
+                         f"{t['nan']} NaN, {t['zero']} all-zero, {t['absent']} absent")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return f"PackedDataset({self.summary()})"
+
+
+def _cache_key(src: dict) -> str:
+    st = os.stat(src["path"])
+    blob = json.dumps({"v": CACHE_VERSION, "src": src, "size": st.st_size, "mtime": st.st_mtime_ns},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_FIXED = {"numbers": (np.int64, ()), "coord": (np.float32, (3,)), "conf_offsets": (np.int64, ()),
+          "group": (np.int64, ()), "h5group": (np.int32, ()), "conf_index": (np.int64, ())}
+
+
+def _build(src: dict, writer_factory) -> tuple[dict, dict]:
+    """Stream one normalized source into writers; return (arrays or None, meta)."""
+    counts = new_counts(src)
+    props = src["properties"]
+    w = {k: writer_factory(k) for k in _FIXED}
+    for n in props:
+        w["label_" + n] = writer_factory("label_" + n)
+    group_ids: dict[str, int] = {}
+    h5names: list[str] = []
+    w["conf_offsets"].append(np.zeros(1, np.int64))
+    atoms = 0
+    per = {}
+    try:
+        for b in iter_blocks(src, counts):
+            n, na = b.numbers.shape
+            w["numbers"].append(b.numbers.reshape(-1))
+            w["coord"].append(b.coord.reshape(-1, 3))
+            w["conf_offsets"].append(atoms + na * np.arange(1, n + 1, dtype=np.int64))
+            atoms += n * na
+            keys, inv = np.unique(b.split_key, return_inverse=True)
+            ids = np.array([group_ids.setdefault(str(k), len(group_ids)) for k in keys], np.int64)
+            w["group"].append(ids[np.asarray(inv).reshape(-1)])
+            if not h5names or h5names[-1] != b.h5group:
+                h5names.append(b.h5group)
+            w["h5group"].append(np.full(n, len(h5names) - 1, np.int32))
+            w["conf_index"].append(b.conf_index)
+            for name, v in b.labels.items():
+                per[name] = b.label_per[name]
+                atom = per[name] == "atom"
+                w["label_" + name].append(v.reshape((n * na,) + v.shape[2:]) if atom else v)
+    except BaseException:
+        for x in w.values():
+            if isinstance(x, _NpyWriter):
+                x.f.close()
+        raise
+    out = {}
+    for k, x in w.items():
+        if k.startswith("label_"):
+            p = props[k[6:]]
+            out[k] = x.close(p["dtype"], p["tail"] or ())
+        else:
+            out[k] = x.close(*_FIXED[k])
+    meta = {"version": CACHE_VERSION, "source": src, "counts": counts,
+            "group_names": list(group_ids), "h5group_names": h5names,
+            "label_per": {n: per.get(n, props[n]["per"] or "conformer") for n in props}}
+    return out, meta
+
+
+def _from_arrays(arr: dict, meta: dict) -> PackedDataset:
+    labels = {k[6:]: v for k, v in arr.items() if k.startswith("label_")}
+    c = arr["conf_offsets"].shape[0] - 1
+    path = meta["source"]["path"]
+    return PackedDataset(arr["numbers"], arr["coord"], arr["conf_offsets"], labels, arr["group"],
+                         np.zeros(c, np.int16), [path], label_per=meta["label_per"],
+                         group_names=[f"{path}:{g}" for g in meta["group_names"]],
+                         h5group=arr["h5group"], h5group_names=meta["h5group_names"],
+                         conf_index=arr["conf_index"], counts=[meta["counts"]])
+
+
+def _load_cached(folder: Path) -> PackedDataset:
+    meta = json.loads((folder / "meta.json").read_text())
+    arr = {}
+    for f in folder.glob("*.npy"):
+        arr[f.stem] = np.load(f, mmap_mode="r")
+    return _from_arrays(arr, meta)
+
+
+def load_source(src: dict, cache_dir=None) -> PackedDataset:
+    """One source (a dict as in ``readers``); with ``cache_dir`` build or reuse its packed cache."""
+    src = normalize_source(src)
+    if cache_dir is None:
+        arr, meta = _build(src, lambda k: _ListWriter())
+        return _from_arrays(arr, meta)
+    cache_dir = Path(cache_dir)
+    folder = cache_dir / f"{Path(src['path']).stem}-{_cache_key(src)}"
+    if (folder / "meta.json").exists():
+        return _load_cached(folder)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _, meta = _build(src, lambda k: _NpyWriter(tmp / f"{k}.npy"))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, folder)  # atomic: ranks building the same cache at once do not clash
+        except OSError:
+            if not (folder / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _load_cached(folder)
+
+
+def concat(parts: list[PackedDataset]) -> PackedDataset:
+    """Join datasets (copies into memory). Labels missing from a part are NaN there."""
+    if len(parts) == 1:
+        return parts[0]
+    per = {}
+    for p in parts:
+        for n, v in p.label_per.items():
+            if per.setdefault(n, v) != v:
+                raise DataError(f"label {n!r} is per {per[n]} in one source and per {v} in another")
+    atoms = [int(p.conf_offsets[-1]) for p in parts]
+    labels = {}
+    for n in per:
+        chunks = []
+        ref = next(p.labels[n] for p in parts if n in p.labels)
+        for p, a in zip(parts, atoms):
+            if n in p.labels:
+                chunks.append(np.asarray(p.labels[n]))
+            else:
+                rows = a if per[n] == "atom" else p.n_conf
+                chunks.append(np.full((rows,) + ref.shape[1:], np.nan, ref.dtype))
+        labels[n] = np.concatenate(chunks)
+    off = [np.zeros(1, np.int64)]
+    a0 = 0
+    for p, a in zip(parts, atoms):
+        off.append(np.asarray(p.conf_offsets[1:]) + a0)
+        a0 += a
+    g0, h0, group, h5group, source = 0, 0, [], [], []
+    sources, gnames, hnames, counts = [], [], [], []
+    for p in parts:
+        group.append(np.asarray(p.group) + g0)
+        h5group.append(np.asarray(p.h5group) + h0)
+        source.append(np.asarray(p.source, np.int64) + len(sources))
+        g0 += len(p.group_names)
+        h0 += len(p.h5group_names)
+        sources += p.sources
+        gnames += p.group_names
+        hnames += p.h5group_names
+        counts += p.counts
+    if len(sources) > np.iinfo(np.int16).max:
+        raise DataError("too many sources")
+    return PackedDataset(np.concatenate([p.numbers for p in parts]),
+                         np.concatenate([p.coord for p in parts]), np.concatenate(off), labels,
+                         np.concatenate(group), np.concatenate(source).astype(np.int16), sources,
+                         label_per=per, group_names=gnames, h5group=np.concatenate(h5group),
+                         h5group_names=hnames,
+                         conf_index=np.concatenate([p.conf_index for p in parts]), counts=counts)
+
+
+def load_dataset(sources, cache_dir=None) -> PackedDataset:
+    """Read one or more sources (dicts, see ``aimnet_fast.data.readers``; a bare path means
+    ``{"path": p, "layout": "auto"}``) into one PackedDataset.
+
+    With ``cache_dir`` every source is packed once into ``cache_dir`` and memory-mapped afterwards.
+    A single source stays memory-mapped; several are joined in memory (one copy).
+    """
+    if isinstance(sources, (str, os.PathLike, dict)):
+        sources = [sources]
+    srcs = [s if isinstance(s, dict) else {"path": os.fspath(s), "layout": "auto"} for s in sources]
+    if not srcs:
+        raise DataError("no sources given")
+    return concat([load_source(s, cache_dir) for s in srcs])
+
+
+def default_dataset_path() -> Path:
+    """The embedded default data set (ANI-1x release layout; keys gfn2.energy Ha, gfn2.forces Ha/Å
+    true forces, gfn2.charges e). The file may be absent in a source checkout."""
+    return Path(__file__).resolve().parent / "default.h5"
+
+
+def default_sources() -> list[dict]:
+    return [{"path": str(default_dataset_path()), "layout": "ani1x",
+             "properties": {"energy": {"key": "gfn2.energy", "unit": "hartree"},
+                            "forces": {"key": "gfn2.forces", "unit": "hartree/angstrom"},
+                            "charges": {"key": "gfn2.charges", "unit": "e"}}}]

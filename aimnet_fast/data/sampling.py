@@ -1,0 +1,181 @@
+"""Splits by molecule, the (distributed) batch sampler and batch assembly (``collate``)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+
+def split(ds, val_fraction: float = 0.1, seed: int = 0, n_folds: int | None = None,
+          fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, val_idx), sorted int64 conformer indices; every molecule/formula (``ds.group``)
+    lies wholly on one side.
+
+    ``n_folds``/``fold``: k-fold split, the groups dealt (in a seeded random order) to the fold with
+    the fewest conformers so far; fold ``fold`` is the validation side. Otherwise about
+    ``val_fraction`` of the conformers, by whole groups in a seeded random order.
+    """
+    group = np.asarray(ds.group)
+    n_groups = int(group.max()) + 1 if group.size else 0
+    size = np.bincount(group, minlength=n_groups)
+    live = np.flatnonzero(size)
+    rng = np.random.default_rng(seed)
+    order = live[rng.permutation(live.size)]
+    if n_folds is not None:
+        if fold is None or not 0 <= fold < n_folds:
+            raise ValueError(f"fold must be in 0..{n_folds - 1}")
+        if live.size < n_folds:
+            raise DataError(f"{live.size} molecules/formulas cannot fill {n_folds} folds")
+        load = np.zeros(n_folds, np.int64)
+        fold_of = np.full(n_groups, -1)
+        # Largest groups first (random order among equals) balances the folds' conformer counts.
+        order = order[np.argsort(-size[order], kind="stable")]
+        for g in order:
+            f = int(np.argmin(load))
+            fold_of[g] = f
+            load[f] += size[g]
+        is_val = fold_of[group] == fold
+    else:
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError("val_fraction must be in [0, 1)")
+        target = val_fraction * group.size
+        cum = np.cumsum(size[order])
+        k = int(np.searchsorted(cum, target))  # groups taken: cum[k-1] < target <= cum[k]
+        if k < live.size and (k == 0 or abs(cum[k] - target) < abs(cum[k - 1] - target)):
+            k += 1
+        if val_fraction > 0 and k == 0:
+            k = 1
+        if val_fraction > 0 and k >= live.size:
+            if live.size < 2:
+                raise DataError("one molecule/formula only: cannot split it into train and val")
+            k = live.size - 1
+        val_groups = np.zeros(n_groups, bool)
+        val_groups[order[:k]] = True
+        is_val = val_groups[group]
+    return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+
+
+def _snake(n: int, world: int) -> np.ndarray:
+    """Rank of the j-th largest molecule: 0,1,..,W-1,W-1,..,0,0,1,... (balances atoms)."""
+    j = np.arange(n)
+    r = j % world
+    return np.where((j // world) % 2 == 0, r, world - 1 - r)
+
+
+class BatchSampler:
+    """Batches of conformer indices for one rank of ``world_size``.
+
+    Each step takes the next ``world_size × mols_per_batch`` conformers (or conformers up to
+    ``world_size × atoms_per_batch`` atoms) of the epoch's seeded permutation and deals them to the
+    ranks largest first in snake order, so ranks get the same number of molecules (±1) and close
+    atom counts. Every rank computes the same plan, so ``len`` is the same on every rank. The last
+    step is smaller; where it has fewer conformers than ranks it is padded with conformers from the
+    start of the epoch, so that no rank gets an empty batch.
+
+    ``set_epoch(e)`` reshuffles (seed and epoch give the order); ``state_dict``/``load_state_dict``
+    hold the epoch and the steps already yielded, to resume mid-epoch.
+    """
+
+    def __init__(self, ds, indices=None, mols_per_batch: int = 380, atoms_per_batch: int | None = None,
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        self.indices = np.arange(ds.n_conf, dtype=np.int64) if indices is None \
+            else np.asarray(indices, np.int64)
+        if self.indices.size == 0:
+            raise DataError("BatchSampler: no conformers")
+        self.sizes = np.asarray(ds.n_atoms[self.indices], np.int64)
+        self.mols_per_batch, self.atoms_per_batch = int(mols_per_batch), atoms_per_batch
+        if atoms_per_batch is not None and atoms_per_batch < self.sizes.max():
+            raise ValueError(f"atoms_per_batch {atoms_per_batch} is below the largest conformer "
+                             f"({self.sizes.max()} atoms)")
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, int(seed), rank, world_size
+        self.epoch, self.position = 0, 0
+        self._batches = self._plan(0)
+
+    def _plan(self, epoch: int) -> list[np.ndarray]:
+        n, w = self.indices.size, self.world_size
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        else:
+            perm = np.arange(n)
+        if self.atoms_per_batch is None:
+            g = w * self.mols_per_batch
+            bounds = list(range(0, n, g)) + [n]
+        else:
+            cum = np.cumsum(self.sizes[perm])
+            step = (cum - 1) // (w * int(self.atoms_per_batch))
+            bounds = [0] + list(np.flatnonzero(np.diff(step)) + 1) + [n]
+        out = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            seg = perm[a:b]
+            if seg.size < w:
+                seg = np.concatenate([seg, np.resize(perm, w - seg.size)])
+            order = np.argsort(-self.sizes[seg], kind="stable")
+            mine = seg[order[_snake(seg.size, w) == self.rank]]
+            out.append(np.sort(self.indices[mine]))
+        return out
+
+    def set_epoch(self, epoch: int):
+        self.epoch, self.position = int(epoch), 0
+        self._batches = self._plan(self.epoch)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self):
+        while self.position < len(self._batches):
+            b = self._batches[self.position]
+            self.position += 1
+            yield b
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "world_size": self.world_size, "n_indices": int(self.indices.size)}
+
+    def load_state_dict(self, state: dict):
+        if state["world_size"] != self.world_size or state["n_indices"] != self.indices.size:
+            raise ValueError("sampler state from another world size or index set")
+        self.seed = int(state["seed"])
+        self.set_epoch(state["epoch"])
+        self.position = int(state["position"])
+
+
+def collate(ds, conf_idx) -> dict:
+    """A batch as torch tensors (CPU).
+
+    numbers (N,) int64; coord (N, 3) float32 Å; mol_idx (N,) int64; offsets (M+1,) int64;
+    n_atoms (M,) int64; conf_idx (M,) int64 (indices into ``ds``, for ``ds.name``); for each label
+    ``<name>`` (energy (M,) float64 Ha, forces (N, 3) float32 Ha/Å, charges (N,) e, volumes (N,)
+    bohr³) and ``<name>_mask`` (bool, (M,) per conformer, (N,) per atom: the whole row finite);
+    masked values are 0.
+    """
+    idx = np.asarray(conf_idx, np.int64)
+    start = np.asarray(ds.conf_offsets[idx])
+    n = np.asarray(ds.n_atoms[idx])
+    offsets = np.zeros(idx.size + 1, np.int64)
+    np.cumsum(n, out=offsets[1:])
+    tot = int(offsets[-1])
+    atom = np.repeat(start - offsets[:-1], n) + np.arange(tot)
+    out = {
+        "numbers": torch.from_numpy(np.asarray(ds.numbers[atom], np.int64)),
+        "coord": torch.from_numpy(np.ascontiguousarray(ds.coord[atom], np.float32)),
+        "mol_idx": torch.from_numpy(np.repeat(np.arange(idx.size), n)),
+        "offsets": torch.from_numpy(offsets),
+        "n_atoms": torch.from_numpy(n.astype(np.int64)),
+        "conf_idx": torch.from_numpy(idx.copy()),
+    }
+    for name, arr in ds.labels.items():
+        v = np.array(arr[atom] if ds.label_per.get(name) == "atom" else arr[idx])
+        fin = np.isfinite(v)
+        mask = fin.reshape(v.shape[0], -1).all(axis=1)
+        if not fin.all():
+            v[~mask] = 0.0
+            v[~fin] = 0.0
+        out[name] = torch.from_numpy(v)
+        out[name + "_mask"] = torch.from_numpy(mask)
+    return out

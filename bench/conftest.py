@@ -46,3 +46,37 @@ def released_model(shared):
     m = convert_released(d / "aimnet_cv0.pt", d / "aimnet_mt_cv0.pt")
     m.backend = "torch"
     return m
+
+
+# -- the throughput-regression guard (see bench/guard.py) -------------------------------------
+def pytest_addoption(parser):
+    g = parser.getgroup("guard", "throughput-regression guard")
+    g.addoption("--guard-update", action="store_true",
+                help="write this run's ratios as the baseline of this machine class")
+    g.addoption("--guard-threshold", type=float, default=None,
+                help="allowed slowdown before a guarded benchmark fails (fraction, default 0.07)")
+    g.addoption("--guard-off", action="store_true", help="measure and report, never fail")
+
+
+_GUARD = None
+
+
+@pytest.fixture(scope="session")
+def guard(request):
+    global _GUARD
+    from guard import DEFAULT_THRESHOLD, Guard
+    thr = request.config.getoption("--guard-threshold")
+    _GUARD = Guard(update=request.config.getoption("--guard-update"),
+                   threshold=DEFAULT_THRESHOLD if thr is None else thr,
+                   off=request.config.getoption("--guard-off"))
+    return _GUARD
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _GUARD is None or not _GUARD.results:
+        return
+    terminalreporter.section(f"throughput guard ({_GUARD.machine})")
+    terminalreporter.write_line(_GUARD.report())
+    if _GUARD.update:
+        path = _GUARD.write_baseline()
+        terminalreporter.write_line(f"baseline written: {path}")

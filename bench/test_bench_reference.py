@@ -14,6 +14,8 @@ FIGURES: list[str] = []
 
 
 def _record(benchmark, name, n_mol, n_atoms):
+    if benchmark.disabled:
+        return
     t = benchmark.stats.stats.median
     benchmark.extra_info.update(molecules_per_s=n_mol / t, atoms_per_s=n_atoms / t)
     FIGURES.append(f"{name}: {n_mol / t:,.0f} molecules/s, {n_atoms / t:,.0f} atoms/s "
@@ -26,18 +28,18 @@ def s66_batch(s66x8_molecules):
     return Batch.from_molecules(s66x8_molecules[::4][:128])
 
 
-def test_forward(benchmark, released_model, s66_batch):
+def test_forward(benchmark, guard, released_model, s66_batch):
     b = s66_batch
 
     def run():
         with torch.no_grad():
             return released_model(b.numbers, b.coord, b.mol_idx, b.n_mol)["energy"]
 
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    guard.measure(benchmark, "reference.forward", run, rounds=7)
     _record(benchmark, "forward T=3 (S66x8)", b.n_mol, b.n_atoms)
 
 
-def test_forward_backward(benchmark, released_model, s66_batch):
+def test_forward_backward(benchmark, guard, released_model, s66_batch):
     """Energy and charge loss of every pass, backward to the parameters: the training step's
     model cost without the optimizer."""
     b = s66_batch
@@ -49,11 +51,11 @@ def test_forward_backward(benchmark, released_model, s66_batch):
         loss = out["passes"]["energy"].float().var() + out["passes"]["charges"].square().mean()
         loss.backward()
 
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    guard.measure(benchmark, "reference.forward_backward", run, rounds=7)
     _record(benchmark, "forward+backward T=3 (S66x8)", b.n_mol, b.n_atoms)
 
 
-def test_predict_with_forces(benchmark, released_model, s66_batch):
+def test_predict_with_forces(benchmark, guard, released_model, s66_batch):
     b = s66_batch
 
     def run():
@@ -61,12 +63,12 @@ def test_predict_with_forces(benchmark, released_model, s66_batch):
         e = released_model(b.numbers, c, b.mol_idx, b.n_mol, all_passes=False)["energy"]
         return torch.autograd.grad(e.sum(), c)[0]
 
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    guard.measure(benchmark, "reference.predict_forces", run, rounds=7)
     _record(benchmark, "predict energy+forces (S66x8)", b.n_mol, b.n_atoms)
 
 
 @pytest.mark.parametrize("n_water", [4, 11, 34, 100, 334, 667])
-def test_cost_per_atom(benchmark, released_model, n_water):
+def test_cost_per_atom(benchmark, guard, released_model, n_water):
     """One water cluster of 12 … 2001 atoms, forward T=3; neighbor search included."""
     numbers, coord = water_cluster(n_water)
     b = Batch.from_molecules([(numbers, coord)])
@@ -76,7 +78,10 @@ def test_cost_per_atom(benchmark, released_model, n_water):
             nb = build_neighbors(b.coord, b.mol_idx)
             return released_model(b.numbers, b.coord, b.mol_idx, 1, neighbors=nb)["energy"]
 
-    benchmark.pedantic(run, rounds=3 if n_water > 300 else 5, warmup_rounds=1)
+    guard.measure(benchmark, f"reference.cost_per_atom[{b.n_atoms}]", run,
+                  rounds=3 if n_water > 300 else 7)
+    if benchmark.disabled:
+        return
     t = benchmark.stats.stats.median
     benchmark.extra_info.update(us_per_atom=t / b.n_atoms * 1e6)
     FIGURES.append(f"cost per atom, {b.n_atoms} atoms: {t / b.n_atoms * 1e6:.1f} µs/atom")

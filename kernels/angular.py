@@ -31,6 +31,7 @@ import triton.language as tl
 from aimnet_fast.constants import (ANGULAR_CUTOFF_A, ANGULAR_ETA_PER_A2, ANGULAR_SECTORS_RAD,
                                    ANGULAR_SHIFTS_A, ANGULAR_ZETA, COS_CLAMP, N_ANGULAR)
 
+from . import _aev_common as common
 from ._aev_common import (DOUBLE_BACKWARD_MESSAGE, PI, check_inputs, cosine_cutoff,
                           cosine_cutoff_grad, csr_starts, group_by)
 
@@ -49,6 +50,9 @@ NA = tl.constexpr(_NA)
 
 BLOCK_T = 16   # triplets per step of the list walk
 BLOCK_F = 16   # features per program (the model has F = 16)
+# The pair backward holds grad_out of BLOCK_T centres (BLOCK_T × 32 × BLOCK_F): 16 spills registers
+# in float32 on sm_90 (ptxas -v), 8 does not.
+BLOCK_T_BWD = 8
 
 
 @triton.jit
@@ -263,7 +267,7 @@ def angular_forward(coord, triplets, triplet_pair, starts, pair_feat, block_t: i
     """Launch the forward. triplets (3, T) contiguous, starts (N + 1,) row starts of triplets[0]
     → (N, 32, F)."""
     n, f, t = coord.shape[0], pair_feat.shape[1], triplets.shape[1]
-    out = torch.empty(n, N_ANGULAR, f, dtype=pair_feat.dtype, device=pair_feat.device)
+    out = common.empty((n, N_ANGULAR, f), pair_feat)
     if n and f:
         angular_fwd_kernel[(n, triton.cdiv(f, block_f))](coord, triplets, triplet_pair, starts,
                                                          pair_feat, out, t, f,
@@ -273,23 +277,23 @@ def angular_forward(coord, triplets, triplet_pair, starts, pair_feat, block_t: i
     return out
 
 
-def angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat, block_t: int = BLOCK_T,
-                     block_f: int = BLOCK_F):
+def angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat,
+                     block_t: int = BLOCK_T_BWD, block_f: int = BLOCK_F):
     """Launch the three backward kernels → (grad coord (N, 3), grad pair_feat (Q, F)).
 
     Index preparation (stable sorts by pair, by j and by k; row starts) is done here with torch.
     """
     n, (nq, f), t = coord.shape[0], pair_feat.shape, triplets.shape[1]
-    gcoord = torch.empty_like(coord)
-    gpf = torch.empty_like(pair_feat)
+    gcoord = common.empty(coord.shape, coord)
+    gpf = common.empty(pair_feat.shape, pair_feat)
     if n == 0:
         return gcoord, gpf
     starts_i = csr_starts(triplets[0], n)
     order_q, starts_q = group_by(triplet_pair, nq)
     order_j, starts_j = group_by(triplets[1], n)
     order_k, starts_k = group_by(triplets[2], n)
-    dv = torch.empty(t, 6, dtype=coord.dtype, device=coord.device)
-    gcentre = torch.empty_like(coord)
+    dv = common.empty((t, 6), coord)
+    gcentre = common.empty(coord.shape, coord)
     angular_bwd_centre_kernel[(n,)](coord, triplets, triplet_pair, starts_i, pair_feat, grad_out,
                                     dv, gcentre, t, f, BLOCK_T=block_t, BLOCK_F=block_f)
     if nq and f:
@@ -363,6 +367,7 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
 def _specs():
     specs = []
     blocks = {"BLOCK_T": BLOCK_T, "BLOCK_F": BLOCK_F}
+    bwd_blocks = {"BLOCK_T": BLOCK_T_BWD, "BLOCK_F": BLOCK_F}
     for fp in ("fp32", "fp64"):
         specs.append({"name": f"angular_fwd_{fp}", "fn": angular_fwd_kernel,
                       "signature": {"coord_ptr": f"*{fp}", "trip_ptr": "*i64", "tp_ptr": "*i64",
@@ -375,19 +380,19 @@ def _specs():
                                     "start_ptr": "*i64", "pf_ptr": f"*{fp}", "gout_ptr": f"*{fp}",
                                     "dv_ptr": f"*{fp}", "gcentre_ptr": f"*{fp}", "T": "i32",
                                     "F": "i32", "BLOCK_T": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": dict(blocks)})
+                      "constexprs": dict(bwd_blocks)})
         specs.append({"name": f"angular_bwd_pair_{fp}", "fn": angular_bwd_pair_kernel,
                       "signature": {"coord_ptr": f"*{fp}", "trip_ptr": "*i64", "order_ptr": "*i64",
                                     "start_ptr": "*i64", "gout_ptr": f"*{fp}", "gpf_ptr": f"*{fp}",
                                     "T": "i32", "F": "i32",
                                     "BLOCK_T": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": dict(blocks)})
+                      "constexprs": dict(bwd_blocks)})
         specs.append({"name": f"angular_bwd_gather_{fp}", "fn": angular_bwd_gather_kernel,
                       "signature": {"dv_ptr": f"*{fp}", "gcentre_ptr": f"*{fp}",
                                     "order_j_ptr": "*i64", "start_j_ptr": "*i64",
                                     "order_k_ptr": "*i64", "start_k_ptr": "*i64",
                                     "gcoord_ptr": f"*{fp}", "BLOCK_T": "constexpr"},
-                      "constexprs": {"BLOCK_T": BLOCK_T}})
+                      "constexprs": {"BLOCK_T": BLOCK_T_BWD}})
     return specs
 
 

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from aimnet_fast.constants import N_RADIAL, RADIAL_CUTOFF_A, RADIAL_ETA_PER_A2, RADIAL_SHIFTS_A
 
+from . import _aev_common as common
 from ._aev_common import (DOUBLE_BACKWARD_MESSAGE, check_inputs, cosine_cutoff,
                           cosine_cutoff_grad, csr_starts)
 
@@ -36,6 +37,9 @@ NS = tl.constexpr(N_RADIAL)
 
 BLOCK_P = 16   # neighbors per step of the list walk
 BLOCK_F = 16   # features per program (the model has F = 16)
+# The backward holds grad_out of BLOCK_P neighbors (BLOCK_P × 16 × BLOCK_F): 16 spills registers
+# in float32 on sm_90 (ptxas -v), 8 does not.
+BLOCK_P_BWD = 8
 
 
 @triton.jit
@@ -148,7 +152,7 @@ def radial_bwd_kernel(coord_ptr, nbr_ptr, start_ptr, afv_ptr, gout_ptr, gafv_ptr
 def radial_forward(coord, nbr, starts, afv, block_p: int = BLOCK_P, block_f: int = BLOCK_F):
     """Launch the forward. nbr = pairs[1] (P,), starts (N + 1,) CSR row starts → (N, 16, F)."""
     n, f = coord.shape[0], afv.shape[1]
-    out = torch.empty(n, N_RADIAL, f, dtype=afv.dtype, device=afv.device)
+    out = common.empty((n, N_RADIAL, f), afv)
     if n and f:
         radial_fwd_kernel[(n, triton.cdiv(f, block_f))](coord, nbr, starts, afv, out, f,
                                                         BLOCK_P=block_p, BLOCK_F=block_f)
@@ -157,12 +161,12 @@ def radial_forward(coord, nbr, starts, afv, block_p: int = BLOCK_P, block_f: int
     return out
 
 
-def radial_backward(grad_out, coord, nbr, starts, afv, block_p: int = BLOCK_P,
+def radial_backward(grad_out, coord, nbr, starts, afv, block_p: int = BLOCK_P_BWD,
                     block_f: int = BLOCK_F):
     """Launch the backward → (grad coord (N, 3), grad afv (N, F))."""
     n, f = coord.shape[0], afv.shape[1]
-    gcoord = torch.empty_like(coord)
-    gafv = torch.empty_like(afv)
+    gcoord = common.empty(coord.shape, coord)
+    gafv = common.empty(afv.shape, afv)
     if n:
         radial_bwd_kernel[(n,)](coord, nbr, starts, afv, grad_out, gafv, gcoord, f,
                                 BLOCK_P=block_p, BLOCK_F=block_f)
@@ -238,7 +242,7 @@ def _specs():
                                     "afv_ptr": f"*{fp}", "gout_ptr": f"*{fp}", "gafv_ptr": f"*{fp}",
                                     "gcoord_ptr": f"*{fp}", "F": "i32",
                                     "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": {"BLOCK_P": BLOCK_P, "BLOCK_F": BLOCK_F}})
+                      "constexprs": {"BLOCK_P": BLOCK_P_BWD, "BLOCK_F": BLOCK_F}})
     return specs
 
 

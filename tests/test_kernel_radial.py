@@ -1,0 +1,160 @@
+"""The fused radial Triton kernel against the float64 reference ``aimnet_fast.aev.radial_contract``.
+
+Without CUDA the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1): sizes stay
+small but straddle every block boundary (neighbor lists shorter and longer than BLOCK_P, feature
+counts that are not a multiple of BLOCK_F). Every output and scratch buffer is poisoned with NaN.
+"""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from aimnet_fast import aev  # noqa: E402
+from aimnet_fast.constants import ELEMENTS, RADIAL_CUTOFF_A  # noqa: E402
+from aimnet_fast.neighbors import neighbor_pairs  # noqa: E402
+
+radial = pytest.importorskip("aimnet_fast.kernels.radial")
+common = pytest.importorskip("aimnet_fast.kernels._aev_common")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def poisoned(monkeypatch):
+    """Every buffer the launch functions allocate starts as NaN."""
+    def empty(shape, like):
+        return torch.full(tuple(shape), float("nan"), dtype=like.dtype, device=like.device)
+    monkeypatch.setattr(common, "empty", empty)
+
+
+def _batch(sizes, seed, box_A=5.0, far=()):
+    """Random molecules of the given sizes; molecules listed in ``far`` have atoms 10 Å apart (no
+    neighbor within the cutoff). Returns coord (N, 3) float64 Å, mol_idx, pairs."""
+    g = torch.Generator().manual_seed(seed)
+    coords, mol = [], []
+    for m, n in enumerate(sizes):
+        if m in far:
+            x = torch.arange(n, dtype=torch.float64)[:, None] * torch.tensor([10.0, 0.0, 0.0])
+        else:
+            box = box_A[m] if isinstance(box_A, (list, tuple)) else box_A
+            x = torch.rand(n, 3, generator=g, dtype=torch.float64) * box
+        coords.append(x + 100.0 * m)
+        mol += [m] * n
+    coord = torch.cat(coords)
+    mol_idx = torch.tensor(mol)
+    return coord, mol_idx, neighbor_pairs(coord, mol_idx, RADIAL_CUTOFF_A)
+
+
+def _reference(coord, pairs, afv, grad_out):
+    c = coord.detach().double().requires_grad_()
+    a = afv.detach().double().requires_grad_()
+    out = aev.radial_contract(c, pairs, a)
+    gc, ga = torch.autograd.grad(out, (c, a), grad_out.double())
+    return out.detach(), gc, ga
+
+
+def _check(coord, pairs, afv, block_p, block_f, block_p_bwd=None, tol=1e-12):
+    """Launch forward and backward with the given blocks and compare with the reference."""
+    coord, pairs, afv = coord.to(DEVICE), pairs.to(DEVICE), afv.to(DEVICE)
+    starts = common.csr_starts(pairs[0], coord.shape[0])
+    nbr = pairs[1].contiguous()
+    out = radial.radial_forward(coord, nbr, starts, afv, block_p=block_p, block_f=block_f)
+    g = torch.Generator().manual_seed(7)
+    grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(DEVICE, afv.dtype)
+    gcoord, gafv = radial.radial_backward(grad_out, coord, nbr, starts, afv,
+                                          block_p=block_p_bwd or block_p, block_f=block_f)
+    ref, rc, ra = _reference(coord, pairs, afv, grad_out)
+    for got, want in ((out, ref), (gcoord, rc), (gafv, ra)):
+        assert torch.isfinite(got).all()
+        scale = max(want.abs().max().item(), 1.0)
+        assert (got.double() - want).abs().max().item() <= tol * scale
+    return out, gcoord, gafv
+
+
+@pytest.mark.parametrize("block_p,block_f,n_feat", [(4, 4, 6), (16, 16, 16), (8, 16, 17), (2, 8, 3)])
+def test_random_float64_every_tile_boundary(block_p, block_f, n_feat):
+    # The dense molecule gives lists of ~18 neighbors, the sparse one of a few, so lists end inside,
+    # on and beyond a block; n_feat cuts feature tiles short.
+    coord, _, pairs = _batch([19, 8], seed=block_p * 100 + n_feat, box_A=[3.5, 9.0])
+    counts = torch.bincount(pairs[0], minlength=coord.shape[0])
+    assert counts.max() > block_p and (counts % block_p != 0).any()
+    afv = torch.randn(coord.shape[0], n_feat, dtype=torch.float64)
+    _check(coord, pairs, afv, block_p, block_f)
+
+
+def test_small_and_isolated_molecules_in_a_mixed_batch():
+    # sizes 1 and 2, a molecule whose atoms are all beyond the cutoff, and larger ones
+    coord, _, pairs = _batch([1, 2, 3, 11, 6], seed=3, box_A=3.0, far=(2,))
+    counts = torch.bincount(pairs[0], minlength=coord.shape[0])
+    assert counts[0] == 0 and counts[1] == 1 and counts[2] == 1 and (counts[3:6] == 0).all()
+    afv = torch.randn(coord.shape[0], 16, dtype=torch.float64)
+    out, gcoord, gafv = _check(coord, pairs, afv, block_p=4, block_f=8)
+    assert (out[0] == 0).all() and (out[3:6] == 0).all()
+    assert (gcoord[3:6] == 0).all()
+
+
+def test_no_pairs_at_all():
+    coord, _, pairs = _batch([1, 1, 1], seed=0)
+    assert pairs.shape[1] == 0
+    afv = torch.randn(3, 16, dtype=torch.float64)
+    out, gcoord, gafv = _check(coord, pairs, afv, block_p=4, block_f=16)
+    assert (out == 0).all() and (gafv == 0).all()
+
+
+def test_real_molecules(shared):
+    data = json.loads((shared / "reference" / "aimnet_original_outputs.json").read_text())
+    mols = data["molecules"][:3]
+    coord = torch.cat([torch.tensor(m["coord_A"], dtype=torch.float64) for m in mols])
+    mol_idx = torch.cat([torch.full((len(m["numbers"]),), k) for k, m in enumerate(mols)])
+    numbers = torch.cat([torch.tensor(m["numbers"]) for m in mols])
+    pairs = neighbor_pairs(coord, mol_idx, RADIAL_CUTOFF_A)
+    # features that depend on the element, as in pass 1 (an embedding table row per element)
+    table = torch.randn(max(ELEMENTS) + 1, 16, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1))
+    _check(coord, pairs, table[numbers], block_p=16, block_f=16, block_p_bwd=8)
+
+
+def test_float32_against_float64_reference():
+    coord, _, pairs = _batch([12, 7], seed=11, box_A=4.0)
+    afv = torch.randn(coord.shape[0], 16, dtype=torch.float64)
+    # float32 inputs; the reference sees the same (rounded) values in float64
+    c32, a32 = coord.float(), afv.float()
+    _check(c32.double(), pairs, a32.double(), 16, 16, 8)  # float64 path on the rounded inputs
+    _check(c32, pairs, a32, 16, 16, 8, tol=2e-6)
+
+
+def test_public_op_autograd_and_gradcheck():
+    coord, _, pairs = _batch([4], seed=5, box_A=2.5)
+    coord = coord.to(DEVICE).requires_grad_()
+    afv = torch.randn(4, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    pairs = pairs.to(DEVICE)
+    assert torch.autograd.gradcheck(lambda c, a: radial.radial_contract(c, pairs, a),
+                                    (coord, afv), fast_mode=True)
+    out = radial.radial_contract(coord, pairs, afv)
+    ref = aev.radial_contract(coord, pairs, afv)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
+
+
+def test_double_backward_raises_naming_the_torch_backend():
+    coord, _, pairs = _batch([3], seed=2, box_A=2.0)
+    coord = coord.to(DEVICE).requires_grad_()
+    afv = torch.randn(3, 16, dtype=torch.float64, device=DEVICE)
+    energy = radial.radial_contract(coord, pairs.to(DEVICE), afv).square().sum()
+    forces = -torch.autograd.grad(energy, coord, create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        forces.square().sum().backward()
+
+
+def test_mixed_dtypes_are_refused():
+    coord, _, pairs = _batch([3], seed=2)
+    with pytest.raises(TypeError, match="dtype"):
+        radial.radial_contract(coord, pairs, torch.zeros(3, 16, dtype=torch.float32))
+
+
+def test_fake_tensor_registration():
+    coord, _, pairs = _batch([5], seed=4, box_A=3.0)
+    afv = torch.randn(5, 16, dtype=torch.float64)
+    torch.library.opcheck(radial._radial_op, (coord.requires_grad_(), pairs, afv),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -58,11 +58,19 @@ def split(ds, val_fraction: float = 0.1, seed: int = 0, n_folds: int | None = No
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
 
 
-def _snake(n: int, world: int) -> np.ndarray:
-    """Rank of the j-th largest molecule: 0,1,..,W-1,W-1,..,0,0,1,... (balances atoms)."""
-    j = np.arange(n)
-    r = j % world
-    return np.where((j // world) % 2 == 0, r, world - 1 - r)
+def _deal(sizes: np.ndarray, world: int) -> np.ndarray:
+    """Rank of every entry of ``sizes`` (S, G) (rows sorted largest first, G a multiple of ``world``):
+    in rounds of ``world`` entries, the largest goes to the rank with the fewest atoms so far. Every
+    rank gets one entry per round, so molecule counts differ by one at most (zero-size padding
+    entries sit at the row ends)."""
+    s, g = sizes.shape
+    load = np.zeros((s, world), np.int64)
+    rank = np.empty((s, g), np.int64)
+    for r in range(0, g, world):
+        order = np.argsort(load, axis=1, kind="stable")
+        rank[:, r:r + world] = order
+        np.put_along_axis(load, order, np.take_along_axis(load, order, 1) + sizes[:, r:r + world], 1)
+    return rank
 
 
 class BatchSampler:
@@ -70,8 +78,8 @@ class BatchSampler:
 
     Each step takes the next ``world_size × mols_per_batch`` conformers (or conformers up to
     ``world_size × atoms_per_batch`` atoms) of the epoch's seeded permutation and deals them to the
-    ranks largest first in snake order, so ranks get the same number of molecules (±1) and close
-    atom counts. Every rank computes the same plan, so ``len`` is the same on every rank. The last
+    ranks largest first, each to the rank with the fewest atoms so far (one per rank and round), so
+    ranks get the same number of molecules (±1) and close atom counts. Every rank computes the same plan, so ``len`` is the same on every rank. The last
     step is smaller; where it has fewer conformers than ranks it is padded with conformers from the
     start of the epoch, so that no rank gets an empty batch.
 
@@ -109,15 +117,21 @@ class BatchSampler:
             cum = np.cumsum(self.sizes[perm])
             step = (cum - 1) // (w * int(self.atoms_per_batch))
             bounds = [0] + list(np.flatnonzero(np.diff(step)) + 1) + [n]
-        out = []
+        segs = []
         for a, b in zip(bounds[:-1], bounds[1:]):
             seg = perm[a:b]
-            if seg.size < w:
+            if seg.size < w:  # no rank may get an empty batch
                 seg = np.concatenate([seg, np.resize(perm, w - seg.size)])
-            order = np.argsort(-self.sizes[seg], kind="stable")
-            mine = seg[order[_snake(seg.size, w) == self.rank]]
-            out.append(np.sort(self.indices[mine]))
-        return out
+            segs.append(seg)
+        width = -(-max(x.size for x in segs) // w) * w
+        pos = np.full((len(segs), width), -1, np.int64)
+        for i, x in enumerate(segs):
+            pos[i, : x.size] = x
+        size = np.where(pos >= 0, self.sizes[np.maximum(pos, 0)], 0)
+        order = np.argsort(-size, axis=1, kind="stable")
+        pos = np.take_along_axis(pos, order, 1)
+        mine = np.where(_deal(np.take_along_axis(size, order, 1), w) == self.rank, pos, -1)
+        return [np.sort(self.indices[row[row >= 0]]) for row in mine]
 
     def set_epoch(self, epoch: int):
         self.epoch, self.position = int(epoch), 0

@@ -175,6 +175,10 @@ def load_models(paths: Sequence[str | os.PathLike], device: str = "cpu",
                 backend: str = "auto") -> list[AIMNet]:
     """Load checkpoints for inference: on ``device``, in eval mode, weights frozen."""
     dev = resolve_device(device)
+    if backend == "triton" and dev.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise PredictError("--backend triton needs a CUDA device (the Triton kernels run on GPUs; "
+                           "on CPU only in Triton's slow interpreter, TRITON_INTERPRET=1); use "
+                           "--backend torch or auto on CPU")
     models = []
     for path in paths:
         if not Path(path).is_file():
@@ -229,8 +233,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m aimnet_fast.p
     text = json.dumps(doc, indent=1)
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(text + "\n")
+        except OSError as e:
+            print(f"{prog}: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+            return 1
         print(f"wrote {out}: {len(results)} molecules, {len(models)} model(s), heads "
               f"{', '.join(doc['heads'])}{', forces' if args.forces else ''}", file=sys.stderr)
     else:

@@ -22,7 +22,6 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     raise ImportError("aimnet_fast.ase_calculator needs ASE: pip install 'aimnet_fast[ase]'") from e
 
 import numpy as np
-import torch
 
 from .batch import Batch, InputError
 from .constants import HARTREE_TO_EV
@@ -51,7 +50,8 @@ class AIMNetCalculator(Calculator):
             elif isinstance(item, (str, os.PathLike)):
                 self.models.extend(load_models([item], device, backend))
             else:
-                raise TypeError(f"expected an AIMNet or a checkpoint path, got {type(item).__name__}")
+                raise TypeError(f"expected an AIMNet or a checkpoint path, got "
+                                f"{type(item).__name__}")
         self.has_charges = all("elmoments" in m.heads for m in self.models)
 
     def calculate(self, atoms=None, properties: Sequence[str] = ("energy",),

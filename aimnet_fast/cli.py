@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 COMMANDS = {
-    "predict": ("aimnet_fast.predict", "energies, forces, charges, moments, volumes of XYZ molecules"),
+    "predict": ("aimnet_fast.predict", "energies, forces, charges, moments, volumes of an XYZ"),
     "convert": ("aimnet_fast.convert", "convert released AIMNet weights into a checkpoint"),
     "train": ("aimnet_fast.train", "train a model (see `aimnet-fast train --help`)"),
 }

@@ -28,7 +28,8 @@ def convert(backbone: str, heads: str, out: str) -> str:
     except CheckpointError:
         raise
     except Exception as e:  # a file that is not a released state dict: say which
-        raise CheckpointError(f"{backbone} + {heads}: cannot convert: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{backbone} + {heads}: cannot convert: "
+                              f"{type(e).__name__}: {e}") from e
     save_model(model, out, converted_from={"backbone": str(backbone), "heads": str(heads)})
     elements = " ".join(PERIODIC_TABLE[z] for z in model.elements)
     return (f"wrote {out}: heads {', '.join(model.heads.keys())}; elements {elements}; "

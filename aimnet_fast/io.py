@@ -73,7 +73,8 @@ def frame_desc(index: int, comment: str) -> str:
 
 
 def element_number(symbol: str) -> int | None:
-    """Atomic number of an element symbol (any case) or of a decimal atomic number; None if unknown."""
+    """Atomic number of an element symbol (any case) or of a decimal atomic number; None if
+    unknown."""
     s = symbol.strip()
     if s.isdigit():
         z = int(s)
@@ -283,8 +284,8 @@ def format_xyz(numbers: Sequence[int], coord_A, comment: str = "") -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_xyz(path: str | os.PathLike, molecules: Iterable[tuple], comments: Iterable[str] | None = None
-              ) -> None:
+def write_xyz(path: str | os.PathLike, molecules: Iterable[tuple],
+              comments: Iterable[str] | None = None) -> None:
     """Write ``(numbers, coord_A)`` molecules as a multi-frame plain-XYZ file."""
     molecules = list(molecules)
     comments = list(comments) if comments is not None else [""] * len(molecules)

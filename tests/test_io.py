@@ -83,8 +83,8 @@ def test_write_read_round_trip(tmp_path):
     frames = read_xyz(p)
     for f, (n, c) in zip(frames, mols):
         assert f.numbers == n
-        assert torch.allclose(torch.tensor(f.coord, dtype=torch.float64), torch.tensor(c, dtype=torch.float64),
-                              atol=1e-10)
+        torch.testing.assert_close(torch.tensor(f.coord, dtype=torch.float64),
+                                   torch.tensor(c, dtype=torch.float64), atol=1e-10, rtol=0)
     with pytest.raises(ValueError):
         format_xyz([1], [[0, 0, 0]], "two\nlines")
 
@@ -210,3 +210,10 @@ def test_long_comment_is_shortened_in_names(tmp_path):
     frames = read_xyz(write(tmp_path, plain(HCL, comments=["x" * 200])))
     assert len(frames[0].label) < len(str(tmp_path)) + 110
     assert frames[0].comment == "x" * 200 and not math.isnan(frames[0].coord[1][2])
+
+
+def test_parse_text_names_its_source():
+    frames = parse_xyz(plain(HCL, comments=["HCl"]), source="inline")
+    assert frames[0].label == "inline frame 0 (HCl)" and frames[0].numbers == [17, 1]
+    with pytest.raises(InputError, match=r"^inline line 3, frame 0 \(HCl\): unknown element 'Q'"):
+        parse_xyz("2\nHCl\nQ 0 0 0\nH 0 0 1.27\n", source="inline")

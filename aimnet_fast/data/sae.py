@@ -12,13 +12,13 @@ from .errors import DataError
 _CHUNK = 1 << 18
 
 
-def element_counts(ds, indices=None, elements=ELEMENTS) -> np.ndarray:
-    """(n, len(elements)) float64 element counts of conformers ``indices`` (default: all)."""
+def element_counts(ds, indices=None, elements=ELEMENTS, dtype=np.float64) -> np.ndarray:
+    """(n, len(elements)) element counts of conformers ``indices`` (default: all)."""
     idx = np.arange(ds.n_conf) if indices is None else np.asarray(indices, np.int64)
     lut = np.full(256, -1, np.int64)
     lut[np.asarray(elements)] = np.arange(len(elements))
     k = len(elements)
-    out = np.zeros((idx.size, k), np.float64)
+    out = np.zeros((idx.size, k), dtype)
     for c0 in range(0, idx.size, _CHUNK):
         sub = idx[c0:c0 + _CHUNK]
         start = np.asarray(ds.conf_offsets[sub])
@@ -54,10 +54,19 @@ def fit_sae(ds, elements=ELEMENTS, indices=None, huber_k: float = 1.345, trim: f
     idx, y = idx[ok], y[ok]
     if idx.size == 0:
         raise DataError("no conformer with an energy to fit self-atomic energies to")
-    x = element_counts(ds, idx, elements)
-    # Conformers of one composition share a row: solve the normal equations on unique rows.
-    rows, inv = np.unique(x, axis=0, return_inverse=True)
+    x = element_counts(ds, idx, elements, dtype=np.int64)
+    # Conformers of one composition share a row: solve the normal equations on unique rows. A
+    # composition packs into one int64 key (8 bits per element, up to 8 elements, counts < 256;
+    # otherwise a row-wise unique), which is much faster than unique over rows.
+    if len(elements) <= 8 and x.max(initial=0) < 256:
+        key = (x << (8 * np.arange(len(elements)))).sum(axis=1)
+        ukey, first, inv = np.unique(key, return_index=True, return_inverse=True)
+        rows = x[first].astype(np.float64)
+    else:
+        rows, inv = np.unique(x, axis=0, return_inverse=True)
+        rows = rows.astype(np.float64)
     inv = np.asarray(inv).reshape(-1)
+    del x
     present = rows.any(axis=0)
     if not present.all():
         warnings.warn("fit_sae: no data for " + ", ".join(

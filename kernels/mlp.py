@@ -63,10 +63,11 @@ def _round_bf16(x):
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr,
-                   M, N, K,
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr, a2_ptr,
+                   M, N, K, K1,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   stride_ym, stride_yk,
+                   stride_ym, stride_yk, stride_a2m, stride_a2k,
+                   SPLIT_A: tl.constexpr,
                    HAS_BIAS: tl.constexpr, EPILOGUE_ELU: tl.constexpr,
                    PROLOGUE_ELU_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
                    PRECISION: tl.constexpr,
@@ -81,6 +82,7 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr,
     # int64 offsets: rows × stride can pass 2³¹ for large batches of wide layers.
     a_rows = a_ptr + rm.to(tl.int64)[:, None] * stride_am
     y_rows = y_ptr + rm.to(tl.int64)[:, None] * stride_ym
+    a2_rows = a2_ptr + rm.to(tl.int64)[:, None] * stride_a2m
     b_cols = b_ptr + rn.to(tl.int64)[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
     if BIAS_GRAD:
@@ -89,7 +91,14 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr,
         kk = k0 + rk
         mask_k = kk < K
         a_mask = mask_m[:, None] & mask_k[None, :]
-        a = tl.load(a_rows + kk.to(tl.int64)[None, :] * stride_ak, mask=a_mask, other=0.0)
+        if SPLIT_A:
+            # A = [A1 ‖ A2] read in place: columns < K1 from a_ptr, the rest from a2_ptr.
+            a = tl.load(a_rows + kk.to(tl.int64)[None, :] * stride_ak,
+                        mask=a_mask & (kk < K1)[None, :], other=0.0)
+            a += tl.load(a2_rows + (kk - K1).to(tl.int64)[None, :] * stride_a2k,
+                         mask=a_mask & (kk >= K1)[None, :], other=0.0)
+        else:
+            a = tl.load(a_rows + kk.to(tl.int64)[None, :] * stride_ak, mask=a_mask, other=0.0)
         if PROLOGUE_ELU_GRAD:
             y = tl.load(y_rows + kk.to(tl.int64)[None, :] * stride_yk, mask=a_mask, other=0.0)
             a = tl.where(y > 0, a, a * (y + 1.0))
@@ -125,8 +134,10 @@ def _check_precision(precision: str, dtype: torch.dtype) -> None:
 
 
 def _launch(a, a_strides, b, b_strides, c, M, N, K, *, bias=None, epilogue_elu=False,
-            y=None, y_strides=(0, 0), dbias=None, precision="ieee"):
-    """C (M, N) = op(A) · B on views given by (row, reduction) strides of A and (reduction, col) of B."""
+            y=None, y_strides=(0, 0), dbias=None, precision="ieee", a2=None, k1=0):
+    """C (M, N) = op(A) · B on views given by (row, reduction) strides of A and (reduction, col) of B.
+
+    With ``a2`` (M, K − k1) row-major-like (its own strides), A = [a (M, k1) ‖ a2]."""
     bm, bn, bk = BLOCKS["BLOCK_M"], BLOCKS["BLOCK_N"], BLOCKS["BLOCK_K"]
     # At least one column of programs even when N = 0, so a bias gradient is still written.
     grid = (triton.cdiv(M, bm), max(triton.cdiv(N, bn), 1))
@@ -134,10 +145,11 @@ def _launch(a, a_strides, b, b_strides, c, M, N, K, *, bias=None, epilogue_elu=F
         return
     _matmul_kernel[grid](
         a, b, c, bias if bias is not None else c, y if y is not None else a,
-        dbias if dbias is not None else c,
-        M, N, K, a_strides[0], a_strides[1], b_strides[0], b_strides[1],
+        dbias if dbias is not None else c, a2 if a2 is not None else a,
+        M, N, K, k1 if a2 is not None else K, a_strides[0], a_strides[1], b_strides[0], b_strides[1],
         c.stride(0), c.stride(1), y_strides[0], y_strides[1],
-        HAS_BIAS=bias is not None, EPILOGUE_ELU=epilogue_elu,
+        a2.stride(0) if a2 is not None else 0, a2.stride(1) if a2 is not None else 0,
+        SPLIT_A=a2 is not None, HAS_BIAS=bias is not None, EPILOGUE_ELU=epilogue_elu,
         PROLOGUE_ELU_GRAD=y is not None, BIAS_GRAD=dbias is not None,
         PRECISION="bf16_emulated" if precision == "bf16" and _INTERPRET else precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
 
@@ -223,6 +235,94 @@ def _backward(ctx, grad):
 linear_elu.register_autograd(_backward, setup_context=_setup_context)
 
 
+# -- a layer on a concatenation [x1 ‖ x2], never materialized ----------------------------------------
+@torch.library.custom_op("aimnet_fast::linear_elu_cat", mutates_args=())
+def linear_elu_cat(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor], elu: bool, precision: str = "ieee") -> torch.Tensor:
+    """``linear_elu(torch.cat([x1, x2], 1), ...)``: x1 (M, K1), x2 (M, K2), weight (N, K1 + K2)
+    → (M, N). The kernel reads x1 and x2 in place (one product, the K loop switches source)."""
+    _check_precision(precision, x1.dtype)
+    x1, x2, weight = x1.contiguous(), x2.contiguous(), weight.contiguous()
+    M, K1 = x1.shape
+    K = K1 + x2.shape[1]
+    if weight.shape[1] != K or x2.shape[0] != M:
+        raise ValueError(f"shapes {tuple(x1.shape)} ‖ {tuple(x2.shape)} do not fit weight "
+                         f"{tuple(weight.shape)}")
+    N = weight.shape[0]
+    out = _alloc((M, N), x1)
+    _launch(x1, (x1.stride(0), x1.stride(1)), weight, (weight.stride(1), weight.stride(0)), out,
+            M, N, K, bias=bias.contiguous() if bias is not None else None, epilogue_elu=elu,
+            precision=precision, a2=x2, k1=K1)
+    return out
+
+
+@linear_elu_cat.register_fake
+def _(x1, x2, weight, bias, elu, precision="ieee"):
+    return x1.new_empty(x1.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("aimnet_fast::linear_elu_cat_backward", mutates_args=())
+def linear_elu_cat_backward(grad: torch.Tensor, out: torch.Tensor, x1: torch.Tensor,
+                            x2: torch.Tensor, weight: torch.Tensor, elu: bool,
+                            need_input_grad: bool, precision: str = "ieee"
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_x1 (M, K1), grad_x2 (M, K2) (both empty (0,) unless ``need_input_grad``),
+    grad_weight (N, K1 + K2), grad_bias (N,). Each column block of grad_weight is one launch of
+    the weight-gradient kernel writing into its slice; grad_x1 and grad_x2 read the matching
+    column blocks of the weight in place."""
+    grad, x1, x2, weight = grad.contiguous(), x1.contiguous(), x2.contiguous(), weight.contiguous()
+    M, K1 = x1.shape
+    K2 = x2.shape[1]
+    N = weight.shape[0]
+    y = out if elu else None
+    ys = (out.stride(0), out.stride(1))
+    ys_t = (out.stride(1), out.stride(0))
+    grad_w = _alloc((N, K1 + K2), x1)
+    grad_b = _alloc((N,), x1)
+    gw1, gw2 = grad_w[:, :K1], grad_w[:, K1:]
+    _launch(grad, (grad.stride(1), grad.stride(0)), x1, (x1.stride(0), x1.stride(1)), gw1,
+            N, K1, M, y=y, y_strides=ys_t, dbias=grad_b, precision=precision)
+    _launch(grad, (grad.stride(1), grad.stride(0)), x2, (x2.stride(0), x2.stride(1)), gw2,
+            N, K2, M, y=y, y_strides=ys_t, precision=precision)
+    if not need_input_grad:
+        return x1.new_empty(0), x1.new_empty(0), grad_w, grad_b
+    grads = []
+    for xi, wi in ((x1, weight[:, :K1]), (x2, weight[:, K1:])):
+        gx = _alloc(tuple(xi.shape), xi)
+        _launch(grad, (grad.stride(0), grad.stride(1)), wi, (wi.stride(0), wi.stride(1)),
+                gx, M, xi.shape[1], N, y=y, y_strides=ys, precision=precision)
+        grads.append(gx)
+    return grads[0], grads[1], grad_w, grad_b
+
+
+@linear_elu_cat_backward.register_fake
+def _(grad, out, x1, x2, weight, elu, need_input_grad, precision="ieee"):
+    g1 = x1.new_empty(x1.shape) if need_input_grad else x1.new_empty(0)
+    g2 = x2.new_empty(x2.shape) if need_input_grad else x2.new_empty(0)
+    return g1, g2, weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
+
+
+def _setup_context_cat(ctx, inputs, output):
+    x1, x2, weight, bias, elu, precision = inputs
+    ctx.save_for_backward(x1, x2, weight, output)
+    ctx.elu = elu
+    ctx.precision = precision
+    ctx.has_bias = bias is not None
+
+
+def _backward_cat(ctx, grad):
+    x1, x2, weight, out = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    g1, g2, grad_w, grad_b = linear_elu_cat_backward(grad, out, x1, x2, weight, ctx.elu, need_x,
+                                                     ctx.precision)
+    return (g1 if ctx.needs_input_grad[0] else None, g2 if ctx.needs_input_grad[1] else None,
+            grad_w if ctx.needs_input_grad[2] else None,
+            grad_b if ctx.has_bias and ctx.needs_input_grad[3] else None, None, None)
+
+
+linear_elu_cat.register_autograd(_backward_cat, setup_context=_setup_context_cat)
+
+
 # -- the stack ------------------------------------------------------------------------------------
 def mlp_layers(layers: nn.Sequential) -> list[tuple[nn.Linear, bool]]:
     """(linear, followed_by_elu) for each linear layer of an ``aimnet_fast.model.elu_mlp`` stack."""
@@ -251,14 +351,27 @@ def elu_mlp(x: torch.Tensor, layers: nn.Sequential, precision: str = "ieee") -> 
     return x
 
 
+def elu_mlp_cat(x1: torch.Tensor, x2: torch.Tensor, layers: nn.Sequential,
+                precision: str = "ieee") -> torch.Tensor:
+    """``elu_mlp(torch.cat([x1, x2], 1), layers)`` without the concatenation, e.g. [e ‖ a] of
+    update_mlp / interact_mlp: x1 (M, K1), x2 (M, K2) → (M, out)."""
+    plan = mlp_layers(layers)
+    lin, act = plan[0]
+    h = linear_elu_cat(x1, x2, lin.weight, lin.bias, act, precision)
+    for lin, act in plan[1:]:
+        h = linear_elu(h, lin.weight, lin.bias, act, precision)
+    return h
+
+
 # -- ahead-of-time configurations for bench/kernel_report.py ---------------------------------------
 def _spec(name, dtype, **flags):
     sig = {"a_ptr": dtype, "b_ptr": dtype, "c_ptr": dtype, "bias_ptr": dtype, "y_ptr": dtype,
-           "dbias_ptr": dtype, "M": "i32", "N": "i32", "K": "i32",
+           "dbias_ptr": dtype, "a2_ptr": dtype, "M": "i32", "N": "i32", "K": "i32", "K1": "i32",
            "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-           "stride_cm": "i32", "stride_cn": "i32", "stride_ym": "i32", "stride_yk": "i32"}
-    constexprs = {"HAS_BIAS": False, "EPILOGUE_ELU": False, "PROLOGUE_ELU_GRAD": False,
-                  "BIAS_GRAD": False, "PRECISION": "ieee", **BLOCKS}
+           "stride_cm": "i32", "stride_cn": "i32", "stride_ym": "i32", "stride_yk": "i32",
+           "stride_a2m": "i32", "stride_a2k": "i32"}
+    constexprs = {"SPLIT_A": False, "HAS_BIAS": False, "EPILOGUE_ELU": False,
+                  "PROLOGUE_ELU_GRAD": False, "BIAS_GRAD": False, "PRECISION": "ieee", **BLOCKS}
     constexprs.update(flags)
     for k in constexprs:
         sig[k] = "constexpr"
@@ -270,6 +383,8 @@ AOT_SPECS = [
     _spec("mlp_fwd_bias_elu_ieee", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True),
     _spec("mlp_fwd_bias_elu_tf32", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True, PRECISION="tf32"),
     _spec("mlp_fwd_bias_elu_bf16", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True, PRECISION="bf16"),
+    _spec("mlp_fwd_cat_bias_elu_tf32", "*fp32", SPLIT_A=True, HAS_BIAS=True, EPILOGUE_ELU=True,
+          PRECISION="tf32"),
     _spec("mlp_fwd_bias_fp64", "*fp64", HAS_BIAS=True),
     _spec("mlp_bwd_input_elu_ieee", "*fp32", PROLOGUE_ELU_GRAD=True),
     _spec("mlp_bwd_input_elu_tf32", "*fp32", PROLOGUE_ELU_GRAD=True, PRECISION="tf32"),

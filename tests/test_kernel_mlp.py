@@ -143,9 +143,11 @@ def test_precision_cost_on_real_size_layers(precision, capsys, monkeypatch):
         assert rel < 1e-6
 
 
-def test_released_model_with_kernel_mlps_matches_reference(shared):
+def test_released_model_with_kernel_mlps_matches_reference(shared, monkeypatch):
     """All MLPs of the converted released model (cv0) through the kernels, float64, on a real molecule:
     the energy matches the torch path to 1e-9 Ha and the original outputs to 1e-4 Ha."""
+    for key, size in (("BLOCK_M", 32), ("BLOCK_N", 64), ("BLOCK_K", 64)):
+        monkeypatch.setitem(mlp.BLOCKS, key, size)  # real widths: fewer interpreted programs
     from aimnet_fast.checkpoint import convert_released
     pre = shared / "aimnet_pretrained"
     ref = json.loads((shared / "reference" / "aimnet_original_outputs.json").read_text())
@@ -161,3 +163,31 @@ def test_released_model_with_kernel_mlps_matches_reference(shared):
     assert abs(got["energy"].item() - want["energy"].item()) < 1e-9
     assert abs(got["energy"].item() - mol["models"][0]["energy_Ha"]) < 1e-4
     torch.testing.assert_close(got["charges"], want["charges"], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("k1,k2", [(37, 7), (16, 16), (5, 40)])
+def test_concatenation_without_materializing_matches_cat(k1, k2):
+    """[x1 ‖ x2] read in place; the K tile at the seam holds columns of both (BLOCK_K = 16)."""
+    g = torch.Generator().manual_seed(k1 * 7 + k2)
+    net = make_mlp([k1 + k2, 21, 18], last_activation=True).double()
+    x1 = torch.randn(35, k1, generator=g, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(35, k2, generator=g, dtype=torch.float64, requires_grad=True)
+    params = list(net.parameters())
+    out = mlp.elu_mlp_cat(x1, x2, net)
+    ref = net(torch.cat([x1, x2], 1))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(_grads(out, [x1, x2] + params, gy), _grads(ref, [x1, x2] + params, gy)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_concatenation_gradcheck_and_opcheck():
+    g = torch.Generator().manual_seed(8)
+    x1 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(17, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(17, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x1, x2, w, b: mlp.linear_elu_cat(x1, x2, w, b, True, "ieee"), (x1, x2, w, b))
+    torch.library.opcheck(mlp.linear_elu_cat, (x1, x2, w, b, True, "ieee"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -209,6 +209,87 @@ def offsets_from_mol_idx(mol_idx: torch.Tensor) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
+# -- angular triplets (i; j < k) from the angular pairs ---------------------------------------------
+TRIPLET_BLOCK = 32  # partners k written per step; tests shrink it
+
+
+@triton.jit
+def _triplet_kernel(pairs_ptr, n_pairs_cap, first_ptr, counts_ptr, tfirst_ptr, trip_ptr, pair_of_ptr,
+                    n_trip_cap, BLOCK: tl.constexpr):
+    """One program per centre atom i with c neighbors at pair slots first[i] .. first[i] + c − 1
+    (sorted by j): writes the c(c−1)/2 triplets (i, j_a, j_b), a < b, in the order a then b, at
+    slots tfirst[i] + a·c − a(a+1)/2 + (b − a − 1); pair_of holds the pair slots (p_a, p_b).
+    ``trip_ptr`` / ``pair_of_ptr``: (3, n_trip_cap) / (2, n_trip_cap) int64."""
+    i = tl.program_id(0)
+    c = tl.load(counts_ptr + i).to(tl.int64)
+    p0 = tl.load(first_ptr + i)
+    t0 = tl.load(tfirst_ptr + i)
+    for a in range(0, c - 1):
+        pa = p0 + a
+        ja = tl.load(pairs_ptr + n_pairs_cap + pa)
+        row = t0 + a * c - (a * (a + 1)) // 2 - a - 1
+        for b0 in range(a + 1, c, BLOCK):
+            b = b0 + tl.arange(0, BLOCK)
+            mask = b < c
+            pb = p0 + b
+            jb = tl.load(pairs_ptr + n_pairs_cap + pb, mask=mask, other=0)
+            slot = row + b
+            tl.store(trip_ptr + slot, i + tl.zeros_like(b), mask=mask)
+            tl.store(trip_ptr + n_trip_cap + slot, ja + tl.zeros_like(b), mask=mask)
+            tl.store(trip_ptr + 2 * n_trip_cap + slot, jb, mask=mask)
+            tl.store(pair_of_ptr + slot, pa + tl.zeros_like(b), mask=mask)
+            tl.store(pair_of_ptr + n_trip_cap + slot, pb, mask=mask)
+
+
+def triplets_from_pairs(pairs: torch.Tensor, counts: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angular triplets from ordered pairs (2, P) sorted by i, with per-atom counts (N,).
+
+    Returns ``triplets`` (3, T) rows i, j, k (j < k) and ``pair_of`` (2, T) the slots in ``pairs``
+    of (i, j) and (i, k): the same as ``aimnet_fast.neighbors.triplets_from_pairs``. One host sync
+    (T, to allocate).
+    """
+    counts = counts.to(torch.int64)
+    per_atom = counts * (counts - 1) // 2
+    tlast = torch.cumsum(per_atom, 0)
+    n_trip = int(tlast[-1]) if counts.numel() else 0
+    fill = -1
+    triplets = torch.full((3, n_trip), fill, dtype=torch.int64, device=pairs.device)
+    pair_of = torch.full((2, n_trip), fill, dtype=torch.int64, device=pairs.device)
+    if n_trip:
+        pairs = pairs.contiguous()
+        first = (torch.cumsum(counts, 0) - counts).contiguous()
+        _triplet_kernel[(counts.numel(),)](pairs, pairs.shape[1], first, counts.contiguous(),
+                                           (tlast - per_atom).contiguous(), triplets, pair_of,
+                                           n_trip, BLOCK=TRIPLET_BLOCK)
+    return triplets, pair_of
+
+
+def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor, offsets: torch.Tensor | None = None,
+                    radial_cutoff_A: float | None = None, angular_cutoff_A: float | None = None):
+    """``aimnet_fast.neighbors.build_neighbors`` on the kernels: radial pairs, the angular subset
+    (a second search at the angular cutoff), triplets, and the unique (j, k) pairs (torch.unique,
+    as in the reference).
+
+    Difference from the reference: both cutoffs are decided in float64 here; the reference decides
+    the angular subset in the coordinates' dtype, so float32 coordinates within ~1e-6 Å of 3.1 Å
+    may be classified differently.
+    """
+    from aimnet_fast.constants import ANGULAR_CUTOFF_A, RADIAL_CUTOFF_A
+    from aimnet_fast.neighbors import Neighbors, unique_pairs
+    radial_cutoff_A = RADIAL_CUTOFF_A if radial_cutoff_A is None else radial_cutoff_A
+    angular_cutoff_A = ANGULAR_CUTOFF_A if angular_cutoff_A is None else angular_cutoff_A
+    if offsets is None:
+        offsets = offsets_from_mol_idx(mol_idx)
+    n = coord.shape[0]
+    radial = neighbor_pairs(coord, mol_idx, offsets, radial_cutoff_A)
+    angular = neighbor_pairs(coord, mol_idx, offsets, angular_cutoff_A)
+    counts = torch.bincount(angular[0], minlength=n) if n else angular.new_zeros(0)
+    triplets, _ = triplets_from_pairs(angular, counts)
+    pairs, triplet_pair = unique_pairs(triplets, n)
+    return Neighbors(radial, angular, triplets, pairs, triplet_pair)
+
+
 # -- ahead-of-time configurations for bench/kernel_report.py ---------------------------------------
 def _spec(name, fn, coord_dtype, extra):
     sig = {"coord_ptr": coord_dtype, "offsets_ptr": "*i32", "cut2_ptr": "*fp64", **extra,
@@ -221,4 +302,9 @@ AOT_SPECS = [
     _spec("neighbors_count_fp32", _count_kernel, "*fp32", {"counts_ptr": "*i32"}),
     _spec("neighbors_write_fp32", _write_kernel, "*fp32",
           {"first_ptr": "*i64", "pairs_ptr": "*i64", "capacity": "i64"}),
+    {"name": "neighbors_triplets", "fn": _triplet_kernel,
+     "signature": {"pairs_ptr": "*i64", "n_pairs_cap": "i64", "first_ptr": "*i64",
+                   "counts_ptr": "*i64", "tfirst_ptr": "*i64", "trip_ptr": "*i64",
+                   "pair_of_ptr": "*i64", "n_trip_cap": "i64", "BLOCK": "constexpr"},
+     "constexprs": {"BLOCK": TRIPLET_BLOCK}, "num_warps": 1},
 ]

@@ -133,3 +133,43 @@ def test_opcheck_fake_registration():
     offsets = nb.offsets_from_mol_idx(mol_idx)
     torch.library.opcheck(nb.neighbor_pairs_padded, (coord, offsets, 4.6, 300),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def _same_neighbors(got, want):
+    for field in ("radial", "angular", "triplets", "pairs", "triplet_pair"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+
+
+def test_build_neighbors_matches_reference_mixed_batch(monkeypatch):
+    """Radial and angular pairs, triplets (i; j<k) and unique pairs; BLOCK of 4 partners so
+    atoms with up to 12 angular neighbors straddle it. Coordinates in a 4 Å box: many triplets."""
+    from aimnet_fast.neighbors import build_neighbors
+    monkeypatch.setattr(nb, "TRIPLET_BLOCK", 4)
+    g = torch.Generator().manual_seed(11)
+    sizes = [1, 2, 13, 5, 3]
+    coord = torch.rand(sum(sizes), 3, generator=g, dtype=torch.float64) * 4
+    coord[-3:] = torch.tensor([[0.0, 0, 0], [10.0, 0, 0], [0, 10.0, 0]])  # no neighbors
+    mol_idx = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    want = build_neighbors(coord, mol_idx)
+    assert want.triplets.shape[1] > 100
+    _same_neighbors(nb.build_neighbors(coord, mol_idx), want)
+
+
+def test_triplets_pair_slots_match_reference():
+    from aimnet_fast.neighbors import neighbor_pairs, triplets_from_pairs
+    coord, mol_idx = mixed_batch(torch.float64, seed=12)
+    angular = neighbor_pairs(coord, mol_idx, 3.1)
+    counts = torch.bincount(angular[0], minlength=coord.shape[0])
+    got_t, got_p = nb.triplets_from_pairs(angular, counts)
+    want_t, want_p = triplets_from_pairs(angular, coord.shape[0])
+    assert torch.equal(got_t, want_t) and torch.equal(got_p, want_p)
+
+
+def test_build_neighbors_real_molecules(shared):
+    from aimnet_fast.neighbors import build_neighbors
+    ref = json.loads((shared / "reference" / "aimnet_original_outputs.json").read_text())
+    mols = [ref["molecules"][i] for i in (0, 8, 9)]
+    coord = torch.cat([torch.tensor(m["coord_A"], dtype=torch.float64) for m in mols])
+    mol_idx = torch.repeat_interleave(torch.arange(len(mols)),
+                                      torch.tensor([len(m["numbers"]) for m in mols]))
+    _same_neighbors(nb.build_neighbors(coord, mol_idx), build_neighbors(coord, mol_idx))

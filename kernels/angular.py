@@ -83,10 +83,17 @@ def _bond_vectors(coord_ptr, i, j, k, mask):
 
 
 @triton.jit
+def _clamp_cos(cos0):
+    # tl.minimum would turn the bare constant into float32 (0.99998999): build it in cos0's dtype.
+    lim = tl.zeros_like(cos0) + CLAMP
+    return tl.minimum(tl.maximum(cos0, -lim), lim)
+
+
+@triton.jit
 def _angular_g(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift):
     """g_a (T, 32) from the bond vectors."""
     cos0 = (ax * bx + ay * by + az * bz) / (d1 * d2)
-    cc = tl.minimum(tl.maximum(cos0, -CLAMP), CLAMP)
+    cc = _clamp_cos(cos0)
     sn = tl.sqrt(1.0 - cc * cc)
     base = 1.0 + cc[:, None] * cz[None, :] + sn[:, None] * sz[None, :]
     b2 = base * base
@@ -101,7 +108,7 @@ def _angular_g(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift):
 def _angular_vjp(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift, h):
     """Given h = dL/dg_a (T, 32), the gradients dL/dr_ij and dL/dr_ik (three (T,) each, per Å)."""
     cos0 = (ax * bx + ay * by + az * bz) / (d1 * d2)
-    cc = tl.minimum(tl.maximum(cos0, -CLAMP), CLAMP)
+    cc = _clamp_cos(cos0)
     sn = tl.sqrt(1.0 - cc * cc)
     base = 1.0 + cc[:, None] * cz[None, :] + sn[:, None] * sz[None, :]
     b2 = base * base
@@ -116,7 +123,7 @@ def _angular_vjp(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift, h):
     hr = h * rad
     s_ang = tl.sum(hr * ang, axis=1) * SCALE                   # dL/d(fc1·fc2)
     dl_dcos = tl.sum(hr * dang, axis=1) * fc
-    dl_dcos = tl.where((cos0 >= -CLAMP) & (cos0 <= CLAMP), dl_dcos, 0.0)
+    dl_dcos = tl.where(cc == cos0, dl_dcos, 0.0)
     dl_dmean = tl.sum(hr * ang * x, axis=1) * fc * (-2.0 * ETA)
     dl_dd1 = s_ang * cosine_cutoff_grad(d1, RC) * fc2 + 0.5 * dl_dmean
     dl_dd2 = s_ang * fc1 * cosine_cutoff_grad(d2, RC) + 0.5 * dl_dmean

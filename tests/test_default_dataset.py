@@ -18,8 +18,8 @@ from aimnet_fast.constants import BOHR_TO_A
 h5py = pytest.importorskip("h5py")
 
 # The variable lets a check run these tests on a deliberately corrupted copy.
-PATH = Path(os.environ.get("AIMNET_FAST_DEFAULT_H5",
-                           Path(__file__).resolve().parents[1] / "aimnet_fast" / "data" / "default.h5"))
+_DEFAULT = Path(__file__).resolve().parents[1] / "aimnet_fast" / "data" / "default.h5"
+PATH = Path(os.environ.get("AIMNET_FAST_DEFAULT_H5", _DEFAULT))
 ELEMENTS = (1, 6, 7, 8, 9, 16, 17)
 pytestmark = pytest.mark.skipif(not PATH.is_file(), reason=f"{PATH} not generated")
 
@@ -155,9 +155,19 @@ def _picked(data):
     return out
 
 
-def test_labels_match_tblite_and_finite_difference(data):
+@pytest.fixture
+def one_omp_thread():
+    """tblite shares torch's libgomp (same soname) once torch is imported: one thread, restored."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_labels_match_tblite_and_finite_difference(data, one_omp_thread):
     pytest.importorskip("tblite")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from aimnet_fast.data.make_default import gfn2_singlepoint
 
     from tblite.interface import Calculator

@@ -15,13 +15,15 @@ Recipe (DEFAULT_DATASET.md has the numbers of the committed file):
    displacement, i.e. each Cartesian component gets a normal deviate of std sigma/sqrt(3).
 3. Coordinates are rounded to float32 *before* labelling, so the stored labels belong exactly to the
    stored geometry. GFN2-xTB single points through tblite (electronic temperature 300 K, accuracy
-   1, at most 250 SCF cycles: tblite's defaults, set explicitly) give energy (Ha), gradient (Ha/bohr) and charges (e).
-4. Dropped and counted: conformers with two atoms closer than ``MIN_DISTANCE_A`` and conformers whose
-   SCF did not converge.
+   1, at most 250 SCF cycles: tblite's defaults, set explicitly) give energy (Ha), gradient
+   (Ha/bohr) and charges (e).
+4. Dropped and counted: conformers with two atoms closer than ``MIN_DISTANCE_A`` and conformers
+   whose SCF did not converge.
 
-Layout (ANI-1x release layout): one group per formula (Hill order, e.g. ``C2H6O``). Atoms are sorted by
-atomic number (stable), so isomers share a formula's atom order and merge into one group; a formula
-whose atom order still differs gets ``<formula>_1``, ``_2``, ... Each group holds
+Layout (ANI-1x release layout): one group per formula (Hill order, e.g. ``C2H6O``). Atoms are sorted
+by atomic number (stable), so isomers share a formula's atom order and merge into one group (the
+``<formula>_1``, ``_2`` names for a differing atom order are kept in the code but then never needed).
+Each group holds
 
 - ``atomic_numbers`` (Na,)       uint8
 - ``coordinates``    (Nc, Na, 3) float32, Å
@@ -178,7 +180,7 @@ def molecule_geometries(smiles: str, mol_index: int, seed: int, per_molecule: in
     while len(out) < per_molecule:
         coord0 = base[k % len(base)][0]
         sigma = float(rng.uniform(sigma_min_A, sigma_max_A))
-        # sigma is the RMS length of an atom's 3D displacement, so each component gets sigma/sqrt(3).
+        # sigma is the RMS length of an atom's 3D displacement: each component gets sigma/sqrt(3).
         out.append((coord0 + rng.normal(0.0, sigma / np.sqrt(3.0), size=coord0.shape), 2, sigma))
         k += 1
     return numbers, out
@@ -303,8 +305,12 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="only the first N molecules (timing)")
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args(argv)
-    # One core unless told otherwise; must be set before tblite's OpenMP runtime is loaded.
+    # One core unless told otherwise. The variable only works before libgomp is loaded; the package
+    # import may already have loaded torch's libgomp, which tblite then shares (same soname), so set
+    # the thread count of the loaded runtime too. More threads also change the last bits of labels.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     s = generate(args.out, seed=args.seed, per_molecule=args.per_molecule, n_etkdg=args.n_etkdg,
                  n_mmff=args.n_mmff, sigma_min_A=args.sigma_min, sigma_max_A=args.sigma_max,
                  limit=args.limit, verbose=not args.quiet)

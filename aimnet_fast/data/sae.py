@@ -54,12 +54,15 @@ def fit_sae(ds, elements=ELEMENTS, indices=None, huber_k: float = 1.345, trim: f
     idx, y = idx[ok], y[ok]
     if idx.size == 0:
         raise DataError("no conformer with an energy to fit self-atomic energies to")
-    x = element_counts(ds, idx, elements, dtype=np.int64)
+    x = element_counts(ds, idx, elements, dtype=np.int32)
     # Conformers of one composition share a row: solve the normal equations on unique rows. A
     # composition packs into one int64 key (8 bits per element, up to 8 elements, counts < 256;
     # otherwise a row-wise unique), which is much faster than unique over rows.
     if len(elements) <= 8 and x.max(initial=0) < 256:
-        key = (x << (8 * np.arange(len(elements)))).sum(axis=1)
+        shift = 8 * np.arange(len(elements), dtype=np.int64)
+        key = np.empty(x.shape[0], np.int64)
+        for c0 in range(0, x.shape[0], _CHUNK):
+            key[c0:c0 + _CHUNK] = (x[c0:c0 + _CHUNK].astype(np.int64) << shift).sum(axis=1)
         ukey, first, inv = np.unique(key, return_index=True, return_inverse=True)
         rows = x[first].astype(np.float64)
     else:

@@ -51,6 +51,19 @@ def test_cache_equals_direct_read_and_is_memory_mapped(synth, tmp_path, monkeypa
     assert os.listdir(tmp_path / "cache") == folders and again.n_conf == cached.n_conf
 
 
+def test_pickle_sends_the_cache_folder_not_the_arrays(synth, tmp_path):
+    import pickle
+    path, _ = synth
+    ds = load_dataset(path, cache_dir=tmp_path / "cache")
+    blob = pickle.dumps(ds)
+    assert len(blob) < 10_000  # the folder name only
+    back = pickle.loads(blob)
+    assert isinstance(back.coord, np.memmap) and back.n_conf == ds.n_conf
+    np.testing.assert_array_equal(back.labels["forces"], ds.labels["forces"])
+    direct = load_dataset(path)  # in memory: pickled whole
+    assert pickle.loads(pickle.dumps(direct)).summary() == direct.summary()
+
+
 def test_cache_key_follows_file_and_property_map(synth, tmp_path):
     path, _ = synth
     cache = tmp_path / "cache"

@@ -135,6 +135,20 @@ class PackedDataset:
     def __repr__(self):
         return f"PackedDataset({self.summary()})"
 
+    #: Set when the arrays are memory-mapped from one cache folder: pickling (e.g. to DataLoader
+    #: workers started by spawn) then sends the folder, not a copy of the arrays.
+    cache_folder: Path | None = None
+
+    def __getstate__(self):
+        if self.cache_folder is not None:
+            return {"cache_folder": str(self.cache_folder)}
+        return self.__dict__
+
+    def __setstate__(self, state):
+        if set(state) == {"cache_folder"}:
+            state = _load_cached(Path(state["cache_folder"])).__dict__
+        self.__dict__.update(state)
+
 
 def _cache_key(src: dict) -> str:
     st = os.stat(src["path"])
@@ -211,7 +225,9 @@ def _load_cached(folder: Path) -> PackedDataset:
     arr = {}
     for f in folder.glob("*.npy"):
         arr[f.stem] = np.load(f, mmap_mode="r")
-    return _from_arrays(arr, meta)
+    ds = _from_arrays(arr, meta)
+    ds.cache_folder = folder
+    return ds
 
 
 def load_source(src: dict, cache_dir=None) -> PackedDataset:

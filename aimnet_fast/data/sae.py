@@ -14,6 +14,7 @@ _CHUNK = 1 << 18
 
 def element_counts(ds, indices=None, elements=ELEMENTS, dtype=np.float64) -> np.ndarray:
     """(n, len(elements)) element counts of conformers ``indices`` (default: all)."""
+    elements = [int(z) for z in elements]
     idx = np.arange(ds.n_conf) if indices is None else np.asarray(indices, np.int64)
     lut = np.full(256, -1, np.int64)
     lut[np.asarray(elements)] = np.arange(len(elements))
@@ -46,6 +47,7 @@ def fit_sae(ds, elements=ELEMENTS, indices=None, huber_k: float = 1.345, trim: f
     that occur in none of the fitted conformers get 0.0 (with a warning); when the compositions do
     not determine every SAE (e.g. only CH4, NH3, H2O), the minimum-norm solution is returned.
     """
+    elements = [int(z) for z in elements]
     idx = np.arange(ds.n_conf) if indices is None else np.asarray(indices, np.int64)
     if "energy" not in ds.labels:
         raise DataError("no energy label to fit self-atomic energies to")

@@ -6,8 +6,8 @@ Every module under kernels/ that defines ``AOT_SPECS`` is picked up: a list of d
 with ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))``.
 The tools bundled in triton's wheel then read the result:
 - ``cuobjdump --dump-resource-usage`` on the cubin: registers, stack, local and static shared memory;
-- ``ptxas-blackwell -v`` on the PTX (the older bundled ptxas rejects Triton 3.9's PTX): spill stores
-  and spill loads;
+- the ptxas Triton itself runs for the arch, with Triton's flags, ``-v`` on the PTX: spill stores
+  and spill loads (its register count must equal the cubin's; a mismatch is flagged);
 - Triton's own metadata: the dynamic shared memory the launch reserves (pipelining buffers).
 
 Usage: python bench/kernel_report.py [--out bench/KERNELS.md] [--arch 90 80] [--only NAME_SUBSTRING]
@@ -32,11 +32,11 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default of triton 
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-PTXAS_ARCH = {90: "sm_90a", 80: "sm_80"}
 
 
 def kernel_modules():
@@ -67,15 +67,23 @@ def _resource_usage(cubin: bytes, tmp: Path) -> dict:
 
 
 def _spills(ptx: str, cc: int, tmp: Path) -> dict:
+    """Rerun the ptxas that Triton itself runs for this arch, with its flags (triton 3.9,
+    backends/nvidia/compiler.py make_cubin: legacy ptxas below sm_90, ptxas-blackwell from sm_90,
+    -lineinfo -v --regAllocOptLevel=2), and read the spills from its log; its register count is
+    checked against the cubin's so a different compile would show."""
     path = tmp / "k.ptx"
     path.write_text(ptx)
-    res = subprocess.run([str(BIN / "ptxas-blackwell"), "-v", f"--gpu-name={PTXAS_ARCH[cc]}",
-                          str(path), "-o", str(tmp / "check.cubin")], capture_output=True, text=True)
+    cmd = [get_ptxas(cc).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+           f"--gpu-name={sm_arch_from_capability(cc)}", str(path), "-o", str(tmp / "check.cubin")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
     text = res.stdout + res.stderr
     m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    r = re.search(r"Used (\d+) registers", text)
     if not m:
-        return {"spill_st": None, "spill_ld": None, "ptxas": text.strip()[-300:]}
-    return {"spill_st": int(m.group(1)), "spill_ld": int(m.group(2))}
+        return {"spill_st": None, "spill_ld": None, "ptxas_regs": None,
+                "ptxas": text.strip()[-300:]}
+    return {"spill_st": int(m.group(1)), "spill_ld": int(m.group(2)),
+            "ptxas_regs": int(r.group(1)) if r else None}
 
 
 def compile_spec(spec: dict, cc: int, tmp: Path) -> dict:
@@ -141,7 +149,9 @@ def main(argv=None) -> int:
         f"for {', '.join(f'sm_{a}' for a in args.arch)} (sm_90 as Triton targets it, sm_90a).",
         "",
         "- regs, stack, local, static shared: `cuobjdump --dump-resource-usage` on Triton's cubin",
-        "- spill stores / loads (bytes): `ptxas-blackwell -v` on Triton's PTX",
+        "- spill stores / loads (bytes): `ptxas -v` on Triton's PTX, the same ptxas binary and flags "
+        "Triton uses for that arch (bundled `ptxas` for sm_80, `ptxas-blackwell` for sm_90; "
+        "`-lineinfo --regAllocOptLevel=2`); regs marked * differ from the cubin's (should not happen)",
         "- dyn shared: the dynamic shared memory Triton reserves at launch (pipeline buffers)",
         "- occupancy is not in the table: 65,536 registers per SM → at most "
         "⌊65536 / (regs × 32 × warps)⌋ blocks per SM from registers",
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
     ]
     for r in rows:
         lines.append(f"| {r['module']} | {r['name']} | sm_{r['cc']} | {r['num_warps']} | "
-                     f"{r['num_stages']} | {r['REG']} | {r['spill_st']} | {r['spill_ld']} | "
+                     f"{r['num_stages']} | {r['REG']}{'' if r.get('ptxas_regs') == r['REG'] else '*'} | {r['spill_st']} | {r['spill_ld']} | "
                      f"{r['STACK']} | {r['LOCAL']} | {r['SHARED']} | {r['dyn_shared']} | "
                      f"{r['constexprs']} |")
     if errors:

@@ -35,8 +35,9 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 
 # Tile sizes. Tests shrink them (to the tl.dot minimum of 16) so that small inputs straddle every
 # tile boundary; the AOT report compiles the defaults. 64×64×32 with 4 warps spilled (up to 148 B)
-# in the ieee forward on sm_80 and in the weight-gradient kernel (prologue + transposed A) on both
-# sm_80 and sm_90; with 8 warps no configuration spills (≤ 224 registers; bench/KERNELS.md).
+# on sm_80 (ieee forward, ieee input gradient, every weight gradient) and on sm_90 (tf32 weight
+# gradient: prologue + transposed A); with 8 warps no configuration spills (≤ 224 registers;
+# bench/KERNELS.md).
 BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 NUM_WARPS = 8
 # Allocate outputs filled with NaN so that an element a kernel forgets to write fails every check.

@@ -39,9 +39,9 @@ class DataConfig:
     split: str = "group"
     split_seed: int = 0
     #: Use at most this many conformers (a random subset, fixed by ``split_seed``); for quick runs.
-    max_conformers: Optional[int] = None
+    max_conformers: Optional[int] = 1200
     #: Molecules per batch on one rank; the effective batch is this times the world size.
-    mols_per_batch: int = 32
+    mols_per_batch: int = 16
     atoms_per_batch: Optional[int] = None
     val_mols_per_batch: Optional[int] = None
 
@@ -111,7 +111,7 @@ class PhaseConfig:
 
 
 def _default_curriculum() -> list:
-    return [PhaseConfig(n_pass=1, epochs=4), PhaseConfig(n_pass=3, epochs=2, zero_update=True)]
+    return [PhaseConfig(n_pass=1, epochs=3), PhaseConfig(n_pass=3, epochs=2, zero_update=True)]
 
 
 @dataclass

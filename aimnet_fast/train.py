@@ -340,10 +340,10 @@ def val_batches(val_idx: np.ndarray, dist: Dist, mols: int):
 class Trainer:
     """Holds one run: model (DDP-wrapped with several ranks), data, optimizer, schedule, state."""
 
-    def __init__(self, cfg: C.TrainConfig, dist: Optional[Dist] = None, out=sys.stdout):
+    def __init__(self, cfg: C.TrainConfig, dist: Optional[Dist] = None, out=None):
         self.cfg = cfg
         self.dist = dist or setup_distributed(cfg.device)
-        self.out = out
+        self.out = out if out is not None else sys.stdout
         self.t0 = time.time()
         self._elapsed_base = 0.0
         if cfg.num_threads:
@@ -696,7 +696,7 @@ class Trainer:
         return last_val or {}
 
 
-def run(cfg: C.TrainConfig, dist: Optional[Dist] = None, out=sys.stdout) -> dict:
+def run(cfg: C.TrainConfig, dist: Optional[Dist] = None, out=None) -> dict:
     """Train with ``cfg``; returns the metrics row of the last epoch."""
     trainer = Trainer(cfg, dist, out)
     return trainer.fit()

@@ -115,6 +115,21 @@ def test_ani1x_zero_rows_are_missing(data):
     assert "4 all-zero" in ds.summary()
 
 
+def test_ani1x_nan_rows_of_an_extra_label(data):
+    """Labels outside the standard four are read too: here a per-conformer vector with NaN rows."""
+    path = data / "ani1x_sample.h5"
+    ds = load_dataset([{"path": path, "layout": "ani1x",
+                        "properties": {"energy": {"key": "wb97x_tz.energy"},
+                                       "dipole": {"key": "wb97x_dz.dipole", "per": "conformer"}}}])
+    with h5py.File(path, "r") as f:
+        raw = np.concatenate([f[g]["wb97x_dz.dipole"][()] for g in sorted(f)])
+    n_nan = int(np.isnan(raw).any(axis=1).sum())
+    assert n_nan > 0 and ds.labels["dipole"].shape == (8, 3)
+    s = ds.summary_dict()["labels"]["dipole"]
+    assert (s["used"], s["nan"]) == (8 - n_nan, n_nan)
+    np.testing.assert_array_equal(ds.labels["dipole"], raw)
+
+
 def test_06r_forces_negated_and_extra_column(data):
     path = data / "ani1x_06r_gdb11_s01.h5"
     ds = load_dataset([{"path": path, "layout": "06r",

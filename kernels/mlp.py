@@ -14,6 +14,13 @@ products that follow, never written to memory:
   grad_W = grad_preᵀ · x,  grad_b = Σ_rows grad_pre A = grad_yᵀ (N, M), B = x (M, K)
 Both read grad_y and y in place (grad_yᵀ is a strided view), so a layer's backward is two launches.
 
+``linear_elu_cat`` / ``elu_mlp_cat`` take [x1 ‖ x2] (e.g. [e ‖ a]) without building it: the K loop
+reads columns < K1 from x1 and the rest from x2; the backward writes grad_W's two column blocks in
+place and reads the weight's two column blocks in place.
+
+Not supported: gradients of gradients (create_graph=True then backward again, e.g. a force loss):
+the backward ops have no autograd formula and torch raises a RuntimeError naming them.
+
 Precision (``precision``): "ieee" (full float32 products), "tf32" (tensor-core TF32 inputs) or
 "bf16" (inputs rounded to bfloat16); the accumulator is always float32 (float64 for float64
 tensors, which allow only "ieee"). Under TRITON_INTERPRET=1 the product runs in numpy, so "tf32"

@@ -42,6 +42,23 @@ def test_truncated_file(tmp_path, shared):
         load_dataset(src(p))
 
 
+def test_corrupt_data_inside_a_readable_file(tmp_path):
+    """The header is fine but a compressed chunk of one group is garbage: the error names the group
+    and the conformers being read."""
+    p = tmp_path / "a.h5"
+    with h5py.File(p, "w") as f:
+        for name, m in (("CH4", mol()), ("CH4b", mol(seed=1))):
+            g = f.create_group(name)
+            for k, v in m.items():
+                g.create_dataset(k, data=v, **({"compression": "gzip"} if k == "wb97x_tz.forces" else {}))
+        info = f["CH4b/wb97x_tz.forces"].id.get_chunk_info(0)
+    raw = bytearray(p.read_bytes())
+    raw[info.byte_offset: info.byte_offset + info.size] = b"\xff" * info.size
+    p.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"a\.h5:CH4b:0: cannot read 'wb97x_tz.forces' conformers 0\.\.3"):
+        load_dataset(src(p))
+
+
 def test_corrupt_and_missing_file(tmp_path):
     p = tmp_path / "junk.h5"
     p.write_bytes(np.random.default_rng(0).bytes(4096))

@@ -28,7 +28,7 @@ float32), charges e, volumes bohr³; missing values NaN.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import h5py

@@ -1,8 +1,6 @@
 """Splits by molecule, the (distributed) batch sampler and batch assembly (``collate``)."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 

@@ -33,8 +33,6 @@ def mem() -> dict:
 
 
 def stage(name: str, path: str, cache: str) -> dict:
-    import numpy as np
-
     from aimnet_fast.data import BatchSampler, collate, fit_sae, load_dataset, split
     res = {"stage": name, "after_import": mem()}
     t = time.perf_counter()

@@ -14,7 +14,8 @@ the reference; cos(θ − θ_z) = cos θ cos θ_z + sin θ sin θ_z with sin θ 
      Σ_c g_a[c] · grad_out[i, c];
   3. per atom: its centre part plus the bond-vector gradients of the triplets where it is j or k
      (stably sorted by j and by k).
-- double backward (force training) is not provided: it raises, naming backend='torch'.
+- double backward (force training): not in Triton; it runs through the PyTorch reference
+  (``_aev_common.reference_double_backward``): correct, at the reference's cost for that step.
 
 Shapes: coord (N, 3) Å; triplets (3, T) int64 rows i, j, k (j<k), sorted by i; pair_feat (Q, F);
 triplet_pair (T,) int64 into pair_feat → (N, 32, F) in pair_feat's dtype (float32 or float64,
@@ -32,8 +33,10 @@ from aimnet_fast.constants import (ANGULAR_CUTOFF_A, ANGULAR_ETA_PER_A2, ANGULAR
                                    ANGULAR_SHIFTS_A, ANGULAR_ZETA, COS_CLAMP, N_ANGULAR)
 
 from . import _aev_common as common
-from ._aev_common import (DOUBLE_BACKWARD_MESSAGE, PI, check_inputs, cosine_cutoff,
-                          cosine_cutoff_grad, csr_starts, group_by)
+from aimnet_fast import aev
+
+from ._aev_common import (PI, check_inputs, cosine_cutoff, cosine_cutoff_grad, csr_starts,
+                          group_by, reference_double_backward)
 
 # The kernels rebuild the tables as θ_z = z·π/4 and R_a = 0.5 + 0.65·a, and raise to the power ζ = 8
 # by three squarings; make sure those are the model's constants.
@@ -191,7 +194,8 @@ def angular_bwd_centre_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, go
             h += tl.sum(p[:, None, :] * go[None, :, :], axis=2).to(h.dtype)
         h = tl.where(mask_t[:, None], h, 0.0)
         ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_t)
-        gax, gay, gaz, gbx, gby, gbz = _angular_vjp(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift, h)
+        gax, gay, gaz, gbx, gby, gbz = _angular_vjp(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift,
+                                                    h)
         tl.store(dv_ptr + offs_t * 6 + 0, gax, mask=mask_t)
         tl.store(dv_ptr + offs_t * 6 + 1, gay, mask=mask_t)
         tl.store(dv_ptr + offs_t * 6 + 2, gaz, mask=mask_t)
@@ -209,8 +213,9 @@ def angular_bwd_centre_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, go
 @triton.jit
 def angular_bwd_pair_kernel(coord_ptr, trip_ptr, order_ptr, start_ptr, gout_ptr, gpf_ptr, T, F,
                             BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
-    """grad pair_feat[q, f] = Σ_{triplets of pair q} Σ_c g_a[c] · grad_out[i, c, f], for one pair q =
-    program 0 and one feature tile = program 1; triplets of q are order[start[q]:start[q+1]]."""
+    """grad pair_feat[q, f] = Σ_{triplets of pair q} Σ_c g_a[c] · grad_out[i, c, f], for one
+    pair q = program 0 and one feature tile = program 1; the triplets of q are
+    order[start[q]:start[q+1]]."""
     q = tl.program_id(0).to(tl.int64)
     offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask_f = offs_f < F
@@ -349,12 +354,20 @@ def _backward(ctx, grad_out):
     return gcoord, None, gpf, None
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(op="angular_contract"))
+def _setup_double(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _double_backward(ctx, g_gcoord, g_gpf):
+    grad_out, coord, triplets, pair_feat, triplet_pair = ctx.saved_tensors
+    g_go, g_coord, g_pf = reference_double_backward(
+        lambda c, x: aev.angular_contract(c, triplets, x, triplet_pair),
+        grad_out, coord, pair_feat, g_gcoord, g_gpf)
+    return g_go, g_coord, None, g_pf, None
 
 
 _angular_op.register_autograd(_backward, setup_context=_setup_context)
-_angular_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_angular_bwd_op.register_autograd(_double_backward, setup_context=_setup_double)
 
 
 def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: torch.Tensor,
@@ -362,7 +375,8 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
     """x_a[i, c, f] = Σ_{j<k} g_a(i; j, k)[c] · pair_feat[jk, f].
 
     coord (N, 3) Å; triplets (3, T) int64 rows i, j, k, sorted by i; pair_feat (Q, F) in coord's
-    dtype; triplet_pair (T,) int64 → (N, 32, F). Differentiable in coord and pair_feat (once).
+    dtype; triplet_pair (T,) int64 → (N, 32, F). Differentiable in coord and pair_feat; twice
+    through the PyTorch reference.
     """
     check_inputs("angular_contract", coord, pair_feat)
     return _angular_op(coord.contiguous(), triplets.contiguous(), pair_feat.contiguous(),

@@ -9,7 +9,8 @@ registers and never written to memory.
   symmetric in (i, j) and the list holds both directions, so grad afv[j] = Σ_i Σ_s g_r(r_ij)[s]·
   grad_out[i, s] is a gather over j's own list, and each atom collects the coordinate gradient of
   both directions of its pairs itself: no atomics, deterministic.
-- double backward (force training) is not provided: it raises, naming backend='torch'.
+- double backward (force training): not in Triton; it runs through the PyTorch reference
+  (``_aev_common.reference_double_backward``): correct, at the reference's cost for that step.
 
 Shapes: coord (N, 3) Å; pairs (2, P) int64 ordered (i, j), sorted by i, both directions present;
 afv (N, F) → (N, 16, F), in the dtype of afv (float32 or float64, same as coord).
@@ -23,12 +24,15 @@ import triton.language as tl
 from aimnet_fast.constants import N_RADIAL, RADIAL_CUTOFF_A, RADIAL_ETA_PER_A2, RADIAL_SHIFTS_A
 
 from . import _aev_common as common
-from ._aev_common import (DOUBLE_BACKWARD_MESSAGE, check_inputs, cosine_cutoff,
-                          cosine_cutoff_grad, csr_starts)
+from aimnet_fast import aev
+
+from ._aev_common import (check_inputs, cosine_cutoff, cosine_cutoff_grad, csr_starts,
+                          reference_double_backward)
 
 # The kernels rebuild the shells as R0 + DR·s; make sure that is the model's table.
 _R0, _DR = 0.5, 0.25625
-assert N_RADIAL == 16 and all(abs(r - (_R0 + _DR * s)) < 1e-15 for s, r in enumerate(RADIAL_SHIFTS_A))
+assert N_RADIAL == 16
+assert all(abs(r - (_R0 + _DR * s)) < 1e-15 for s, r in enumerate(RADIAL_SHIFTS_A))
 RC = tl.constexpr(RADIAL_CUTOFF_A)
 ETA = tl.constexpr(RADIAL_ETA_PER_A2)
 R0 = tl.constexpr(_R0)
@@ -209,19 +213,27 @@ def _backward(ctx, grad_out):
     return gcoord, None, gafv
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(DOUBLE_BACKWARD_MESSAGE.format(op="radial_contract"))
+def _setup_double(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _double_backward(ctx, g_gcoord, g_gafv):
+    grad_out, coord, pairs, afv = ctx.saved_tensors
+    g_go, g_coord, g_afv = reference_double_backward(
+        lambda c, x: aev.radial_contract(c, pairs, x), grad_out, coord, afv, g_gcoord, g_gafv)
+    return g_go, g_coord, None, g_afv
 
 
 _radial_op.register_autograd(_backward, setup_context=_setup_context)
-_radial_bwd_op.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+_radial_bwd_op.register_autograd(_double_backward, setup_context=_setup_double)
 
 
 def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor) -> torch.Tensor:
     """x_r[i, s, f] = Σ_j g_r(r_ij)[s] · afv[j, f].
 
     coord (N, 3) Å; pairs (2, P) int64 ordered (i, j), sorted by i, both directions present;
-    afv (N, F) in coord's dtype → (N, 16, F). Differentiable in coord and afv (once).
+    afv (N, F) in coord's dtype → (N, 16, F). Differentiable in coord and afv; twice through the
+    PyTorch reference.
     """
     check_inputs("radial_contract", coord, afv)
     return _radial_op(coord.contiguous(), pairs.contiguous(), afv.contiguous())

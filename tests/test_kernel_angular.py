@@ -1,4 +1,5 @@
-"""The fused angular Triton kernels against the float64 reference ``aimnet_fast.aev.angular_contract``.
+"""The fused angular Triton kernels against the float64 reference
+``aimnet_fast.aev.angular_contract``.
 
 Without CUDA the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1): sizes stay
 small but straddle every block boundary (triplets per centre, centres per pair, appearances of an
@@ -174,15 +175,23 @@ def test_public_op_autograd_and_gradcheck():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
 
 
-def test_double_backward_raises_naming_the_torch_backend():
-    coord, nb = _batch([4], seed=2, box_A=2.0)
-    coord = coord.to(DEVICE).requires_grad_()
-    pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64, device=DEVICE)
-    energy = angular.angular_contract(coord, nb.triplets.to(DEVICE), pair_feat,
-                                      nb.triplet_pair.to(DEVICE)).square().sum()
-    forces = -torch.autograd.grad(energy, coord, create_graph=True)[0]
-    with pytest.raises(RuntimeError, match="backend='torch'"):
-        forces.square().sum().backward()
+def test_double_backward_matches_the_reference():
+    # training on forces: the gradient of a loss on −dE/dR wrt coordinates and pair features, where
+    # E = ½‖x_a‖² makes the first backward's grad_out depend on both (all three paths used)
+    coord, nb = _batch([5, 3], seed=2, box_A=2.2)
+    trip, tp = nb.triplets.to(DEVICE), nb.triplet_pair.to(DEVICE)
+    w = torch.randn(coord.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    results = []
+    for fn in (angular.angular_contract, aev.angular_contract):
+        c = coord.clone().to(DEVICE).requires_grad_()
+        p = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(4)).to(DEVICE).requires_grad_()
+        energy = 0.5 * fn(c, trip, p, tp).square().sum()
+        forces = -torch.autograd.grad(energy, c, create_graph=True)[0]
+        results.append((forces.detach(),
+                        *torch.autograd.grad((forces * w.to(DEVICE)).sum(), (c, p))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * max(want.abs().max(), 1.0))
 
 
 def test_fake_tensor_registration():

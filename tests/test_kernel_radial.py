@@ -73,7 +73,8 @@ def _check(coord, pairs, afv, block_p, block_f, block_p_bwd=None, tol=1e-12):
     return out, gcoord, gafv
 
 
-@pytest.mark.parametrize("block_p,block_f,n_feat", [(4, 4, 6), (16, 16, 16), (8, 16, 17), (2, 8, 3)])
+@pytest.mark.parametrize("block_p,block_f,n_feat",
+                         [(4, 4, 6), (16, 16, 16), (8, 16, 17), (2, 8, 3)])
 def test_random_float64_every_tile_boundary(block_p, block_f, n_feat):
     # The dense molecule gives lists of ~18 neighbors, the sparse one of a few, so lists end inside,
     # on and beyond a block; n_feat cuts feature tiles short.
@@ -137,14 +138,23 @@ def test_public_op_autograd_and_gradcheck():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
 
 
-def test_double_backward_raises_naming_the_torch_backend():
-    coord, _, pairs = _batch([3], seed=2, box_A=2.0)
-    coord = coord.to(DEVICE).requires_grad_()
-    afv = torch.randn(3, 16, dtype=torch.float64, device=DEVICE)
-    energy = radial.radial_contract(coord, pairs.to(DEVICE), afv).square().sum()
-    forces = -torch.autograd.grad(energy, coord, create_graph=True)[0]
-    with pytest.raises(RuntimeError, match="backend='torch'"):
-        forces.square().sum().backward()
+def test_double_backward_matches_the_reference():
+    # training on forces: the gradient of a loss on −dE/dR wrt coordinates and features, where
+    # E = ½‖x_r‖² makes the first backward's grad_out depend on both (all three paths used)
+    coord, _, pairs = _batch([5, 3], seed=2, box_A=3.0)
+    pairs = pairs.to(DEVICE)
+    w = torch.randn(coord.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    results = []
+    for fn in (radial.radial_contract, aev.radial_contract):
+        c = coord.clone().to(DEVICE).requires_grad_()
+        a = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        a = a.to(DEVICE).requires_grad_()
+        energy = 0.5 * fn(c, pairs, a).square().sum()
+        forces = -torch.autograd.grad(energy, c, create_graph=True)[0]
+        results.append((forces.detach(),
+                        *torch.autograd.grad((forces * w.to(DEVICE)).sum(), (c, a))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * max(want.abs().max(), 1.0))
 
 
 def test_mixed_dtypes_are_refused():

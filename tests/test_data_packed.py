@@ -64,6 +64,34 @@ def test_pickle_sends_the_cache_folder_not_the_arrays(synth, tmp_path):
     assert pickle.loads(pickle.dumps(direct)).summary() == direct.summary()
 
 
+def test_several_sources_share_one_memory_mapped_cache(synth, shared, tmp_path):
+    path, _ = synth
+    srcs = [{"path": shared / "data" / "ani1x_06r_gdb11_s01.h5", "layout": "06r"},
+            {"path": path, "layout": "ani1x"},
+            {"path": shared / "data" / "spice_sample.h5", "skip_unknown_elements": True}]
+    direct = load_dataset(srcs)
+    cached = load_dataset(srcs, cache_dir=tmp_path / "cache")
+    assert [f for f in os.listdir(tmp_path / "cache")][0].startswith("ani1x_06r_gdb11_s01+2-")
+    assert isinstance(cached.coord, np.memmap) and isinstance(cached.source, np.memmap)
+    assert cached.sources == direct.sources == [str(s["path"]) for s in srcs]
+    assert np.bincount(cached.source).tolist() == [4366, 2003, 50]
+    for a, b in [(direct.numbers, cached.numbers), (direct.coord, cached.coord),
+                 (direct.conf_offsets, cached.conf_offsets), (direct.group, cached.group),
+                 (direct.source, cached.source), (direct.h5group, cached.h5group)]:
+        np.testing.assert_array_equal(a, b)
+    assert set(cached.labels) == {"energy", "forces", "charges", "volumes"}
+    for k in cached.labels:
+        np.testing.assert_array_equal(direct.labels[k], cached.labels[k])
+    # volumes only in the synthetic file: NaN elsewhere, counted absent
+    a0, a1 = cached.conf_offsets[4366], cached.conf_offsets[4366 + 2003]
+    v = np.asarray(cached.labels["volumes"])
+    assert np.isfinite(v[a0:a1]).all() and np.isnan(v[:a0]).all() and np.isnan(v[a1:]).all()
+    assert cached.summary_dict()["labels"]["volumes"]["absent"] == 4366 + 50
+    assert cached.summary() == direct.summary()
+    assert cached.name(4366 + 2003).startswith(str(shared / "data" / "spice_sample.h5") + ":103147721:0")
+    assert len(cached.group_names) == 3 + 17 + 1 and cached.group.max() == 20
+
+
 def test_cache_key_follows_file_and_property_map(synth, tmp_path):
     path, _ = synth
     cache = tmp_path / "cache"

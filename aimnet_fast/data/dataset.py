@@ -150,47 +150,95 @@ class PackedDataset:
         self.__dict__.update(state)
 
 
-def _cache_key(src: dict) -> str:
-    st = os.stat(src["path"])
-    blob = json.dumps({"v": CACHE_VERSION, "src": src, "size": st.st_size, "mtime": st.st_mtime_ns},
-                      sort_keys=True)
+def _cache_key(srcs: list[dict]) -> str:
+    stats = [(os.stat(s["path"]).st_size, os.stat(s["path"]).st_mtime_ns) for s in srcs]
+    blob = json.dumps({"v": CACHE_VERSION, "src": srcs, "stat": stats}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 _FIXED = {"numbers": (np.int64, ()), "coord": (np.float32, (3,)), "conf_offsets": (np.int64, ()),
-          "group": (np.int64, ()), "h5group": (np.int32, ()), "conf_index": (np.int64, ())}
+          "group": (np.int64, ()), "h5group": (np.int32, ()), "conf_index": (np.int64, ()),
+          "source": (np.int16, ())}
 
 
-def _build(src: dict, writer_factory) -> tuple[dict, dict]:
-    """Stream one normalized source into writers; return (arrays or None, meta)."""
-    counts = new_counts(src)
-    props = src["properties"]
+def _label_specs(srcs: list[dict]) -> dict:
+    """Union of the labels of all sources: name -> (per or None, dtype, tail or None)."""
+    spec = {}
+    for s in srcs:
+        for n, p in s["properties"].items():
+            old = spec.get(n)
+            new = (p["per"], p["dtype"], tuple(p["tail"]) if p["tail"] is not None else None)
+            if old is None:
+                spec[n] = new
+            elif old[0] and new[0] and old[0] != new[0]:
+                raise DataError(f"label {n!r} is per {old[0]} in one source and per {new[0]} in another")
+            elif old[0] is None:
+                spec[n] = (new[0], old[1], old[2] or new[2])
+    if len(srcs) > 1:
+        for n, (per, _, _) in spec.items():
+            if per is None and not all(n in s["properties"] for s in srcs):
+                raise DataError(f"label {n!r}: with several sources, say 'per': 'atom' or "
+                                f"'conformer' (some sources lack it)")
+    if len(srcs) > np.iinfo(np.int16).max:
+        raise DataError("too many sources")
+    return spec
+
+
+def _build(srcs: list[dict], writer_factory) -> tuple[dict, dict]:
+    """Stream normalized sources, one after the other, into writers; return (closed writers, meta).
+
+    Labels a source lacks are written as NaN for its conformers (and counted absent).
+    """
+    spec = _label_specs(srcs)
     w = {k: writer_factory(k) for k in _FIXED}
-    for n in props:
+    for n in spec:
         w["label_" + n] = writer_factory("label_" + n)
-    group_ids: dict[str, int] = {}
+    group_names: list[str] = []
     h5names: list[str] = []
+    all_counts = []
     w["conf_offsets"].append(np.zeros(1, np.int64))
     atoms = 0
-    per = {}
+    per = {n: v[0] for n, v in spec.items()}
     try:
-        for b in iter_blocks(src, counts):
-            n, na = b.numbers.shape
-            w["numbers"].append(b.numbers.reshape(-1))
-            w["coord"].append(b.coord.reshape(-1, 3))
-            w["conf_offsets"].append(atoms + na * np.arange(1, n + 1, dtype=np.int64))
-            atoms += n * na
-            keys, inv = np.unique(b.split_key, return_inverse=True)
-            ids = np.array([group_ids.setdefault(str(k), len(group_ids)) for k in keys], np.int64)
-            w["group"].append(ids[np.asarray(inv).reshape(-1)])
-            if not h5names or h5names[-1] != b.h5group:
-                h5names.append(b.h5group)
-            w["h5group"].append(np.full(n, len(h5names) - 1, np.int32))
-            w["conf_index"].append(b.conf_index)
-            for name, v in b.labels.items():
-                per[name] = b.label_per[name]
-                atom = per[name] == "atom"
-                w["label_" + name].append(v.reshape((n * na,) + v.shape[2:]) if atom else v)
+        for si, src in enumerate(srcs):
+            counts = new_counts(src)
+            group_ids: dict[str, int] = {}
+            last_h5 = None
+            for b in iter_blocks(src, counts):
+                n, na = b.numbers.shape
+                w["numbers"].append(b.numbers.reshape(-1))
+                w["coord"].append(b.coord.reshape(-1, 3))
+                w["conf_offsets"].append(atoms + na * np.arange(1, n + 1, dtype=np.int64))
+                atoms += n * na
+                keys, inv = np.unique(b.split_key, return_inverse=True)
+                ids = []
+                for k in keys:
+                    if str(k) not in group_ids:
+                        group_ids[str(k)] = len(group_names)
+                        group_names.append(f"{src['path']}:{k}")
+                    ids.append(group_ids[str(k)])
+                w["group"].append(np.asarray(ids, np.int64)[np.asarray(inv).reshape(-1)])
+                if last_h5 != b.h5group:
+                    h5names.append(b.h5group)
+                    last_h5 = b.h5group
+                w["h5group"].append(np.full(n, len(h5names) - 1, np.int32))
+                w["conf_index"].append(b.conf_index)
+                w["source"].append(np.full(n, si, np.int16))
+                for name, (_, dtype, tail) in spec.items():
+                    if name in b.labels:
+                        v = b.labels[name]
+                        per[name] = b.label_per[name]
+                    else:
+                        v = np.full((n, na) + (tail or ()) if per[name] == "atom" else (n,) + (tail or ()),
+                                    np.nan, dtype)
+                    if per[name] == "atom":
+                        v = v.reshape((n * na,) + v.shape[2:])
+                    w["label_" + name].append(v)
+            for name in spec:
+                if name not in src["properties"]:
+                    counts["labels"][name] = {"used": 0, "nan": 0, "zero": 0, "atoms_used": 0,
+                                              "absent": counts["conformers_used"]}
+            all_counts.append(counts)
     except BaseException:
         for x in w.values():
             if isinstance(x, _NpyWriter):
@@ -199,25 +247,23 @@ def _build(src: dict, writer_factory) -> tuple[dict, dict]:
     out = {}
     for k, x in w.items():
         if k.startswith("label_"):
-            p = props[k[6:]]
-            out[k] = x.close(p["dtype"], p["tail"] or ())
+            _, dtype, tail = spec[k[6:]]
+            out[k] = x.close(dtype, tail or ())
         else:
             out[k] = x.close(*_FIXED[k])
-    meta = {"version": CACHE_VERSION, "source": src, "counts": counts,
-            "group_names": list(group_ids), "h5group_names": h5names,
-            "label_per": {n: per.get(n, props[n]["per"] or "conformer") for n in props}}
+    meta = {"version": CACHE_VERSION, "sources": srcs, "counts": all_counts,
+            "group_names": group_names, "h5group_names": h5names,
+            "label_per": {n: per[n] or "conformer" for n in spec}}
     return out, meta
 
 
 def _from_arrays(arr: dict, meta: dict) -> PackedDataset:
     labels = {k[6:]: v for k, v in arr.items() if k.startswith("label_")}
-    c = arr["conf_offsets"].shape[0] - 1
-    path = meta["source"]["path"]
     return PackedDataset(arr["numbers"], arr["coord"], arr["conf_offsets"], labels, arr["group"],
-                         np.zeros(c, np.int16), [path], label_per=meta["label_per"],
-                         group_names=[f"{path}:{g}" for g in meta["group_names"]],
+                         arr["source"], [s["path"] for s in meta["sources"]],
+                         label_per=meta["label_per"], group_names=meta["group_names"],
                          h5group=arr["h5group"], h5group_names=meta["h5group_names"],
-                         conf_index=arr["conf_index"], counts=[meta["counts"]])
+                         conf_index=arr["conf_index"], counts=meta["counts"])
 
 
 def _load_cached(folder: Path) -> PackedDataset:
@@ -230,14 +276,14 @@ def _load_cached(folder: Path) -> PackedDataset:
     return ds
 
 
-def load_source(src: dict, cache_dir=None) -> PackedDataset:
-    """One source (a dict as in ``readers``); with ``cache_dir`` build or reuse its packed cache."""
-    src = normalize_source(src)
+def _load(srcs: list[dict], cache_dir=None) -> PackedDataset:
+    srcs = [normalize_source(s) for s in srcs]
     if cache_dir is None:
-        arr, meta = _build(src, lambda k: _ListWriter())
+        arr, meta = _build(srcs, lambda k: _ListWriter())
         return _from_arrays(arr, meta)
     cache_dir = Path(cache_dir)
-    folder = cache_dir / f"{Path(src['path']).stem}-{_cache_key(src)}"
+    stem = Path(srcs[0]["path"]).stem + (f"+{len(srcs) - 1}" if len(srcs) > 1 else "")
+    folder = cache_dir / f"{stem}-{_cache_key(srcs)}"
     if (folder / "meta.json").exists():
         return _load_cached(folder)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +291,7 @@ def load_source(src: dict, cache_dir=None) -> PackedDataset:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _, meta = _build(src, lambda k: _NpyWriter(tmp / f"{k}.npy"))
+        _, meta = _build(srcs, lambda k: _NpyWriter(tmp / f"{k}.npy"))
         (tmp / "meta.json").write_text(json.dumps(meta))
         try:
             os.rename(tmp, folder)  # atomic: ranks building the same cache at once do not clash
@@ -255,6 +301,11 @@ def load_source(src: dict, cache_dir=None) -> PackedDataset:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return _load_cached(folder)
+
+
+def load_source(src: dict, cache_dir=None) -> PackedDataset:
+    """One source (a dict as in ``readers``); with ``cache_dir`` build or reuse its packed cache."""
+    return _load([src], cache_dir)
 
 
 def concat(parts: list[PackedDataset]) -> PackedDataset:
@@ -309,15 +360,16 @@ def load_dataset(sources, cache_dir=None) -> PackedDataset:
     """Read one or more sources (dicts, see ``aimnet_fast.data.readers``; a bare path means
     ``{"path": p, "layout": "auto"}``) into one PackedDataset.
 
-    With ``cache_dir`` every source is packed once into ``cache_dir`` and memory-mapped afterwards.
-    A single source stays memory-mapped; several are joined in memory (one copy).
+    With ``cache_dir`` the sources are packed once, together, into one cache folder (keyed by every
+    file's path, size and mtime and the property maps) and memory-mapped afterwards; without, they
+    are read into memory (one copy).
     """
     if isinstance(sources, (str, os.PathLike, dict)):
         sources = [sources]
     srcs = [s if isinstance(s, dict) else {"path": os.fspath(s), "layout": "auto"} for s in sources]
     if not srcs:
         raise DataError("no sources given")
-    return concat([load_source(s, cache_dir) for s in srcs])
+    return _load(srcs, cache_dir)
 
 
 def default_dataset_path() -> Path:

@@ -51,6 +51,9 @@ NUM_WARPS = 8
 # On by default under the interpreter (tests); off on the GPU, where the fill would cost a pass.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POISON_OUTPUTS = _INTERPRET
+# Slices of the row reduction in the weight-gradient kernel; None: enough programs for two per SM
+# on CUDA, 1 elsewhere. Tests set it to exercise the split.
+WEIGHT_GRAD_SPLIT_K: int | None = None
 
 
 def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
@@ -72,9 +75,9 @@ def _round_bf16(x):
 
 @triton.jit
 def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr, a2_ptr,
-                   M, N, K, K1,
+                   M, N, K, K1, K_SPLIT,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                   stride_ym, stride_yk, stride_a2m, stride_a2k,
+                   stride_ym, stride_yk, stride_a2m, stride_a2k, stride_cs, stride_dbs,
                    SPLIT_A: tl.constexpr,
                    HAS_BIAS: tl.constexpr, EPILOGUE_ELU: tl.constexpr,
                    PROLOGUE_ELU_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
@@ -82,6 +85,11 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr, a2_ptr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    # Split-K: program (.., .., s) reduces over [s·K_SPLIT, (s+1)·K_SPLIT) ∩ [0, K) and writes its
+    # partial result at c_ptr + s·stride_cs (the host sums the partials; deterministic).
+    pid_s = tl.program_id(2)
+    k_lo = pid_s * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -95,9 +103,9 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr, a2_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=c_ptr.dtype.element_ty)
     if BIAS_GRAD:
         dsum = tl.zeros((BLOCK_M,), dtype=c_ptr.dtype.element_ty)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
-        mask_k = kk < K
+        mask_k = kk < k_hi
         a_mask = mask_m[:, None] & mask_k[None, :]
         if SPLIT_A:
             # A = [A1 ‖ A2] read in place: columns < K1 from a_ptr, the rest from a2_ptr.
@@ -125,11 +133,12 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr, a2_ptr,
     if EPILOGUE_ELU:
         # exp of the positive side is discarded; clamp it so it never overflows to inf.
         acc = tl.where(acc > 0, acc, tl.exp(tl.minimum(acc, 0.0)) - 1.0)
-    c = c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
+    c = c_ptr + pid_s.to(tl.int64) * stride_cs \
+        + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
     tl.store(c, acc, mask=mask_m[:, None] & mask_n[None, :])
     if BIAS_GRAD:
         if pid_n == 0:
-            tl.store(dbias_ptr + rm, dsum, mask=mask_m)
+            tl.store(dbias_ptr + pid_s.to(tl.int64) * stride_dbs + rm, dsum, mask=mask_m)
 
 
 def _check_precision(precision: str, dtype: torch.dtype) -> None:
@@ -141,25 +150,56 @@ def _check_precision(precision: str, dtype: torch.dtype) -> None:
         raise ValueError(f"precision {precision!r} is for float32 tensors; float64 runs 'ieee'")
 
 
+def _split_k(tiles: int, K: int, device: torch.device) -> int:
+    """How many slices of the reduction to give separate programs. The weight gradient has few
+    output tiles (a 256×256 layer: 16 of 64×64) and a long reduction over the rows (thousands of
+    atoms): without a split, most of the GPU's SMs would idle."""
+    if WEIGHT_GRAD_SPLIT_K is not None:
+        return max(1, min(WEIGHT_GRAD_SPLIT_K, triton.cdiv(K, BLOCKS["BLOCK_K"])))
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(target // max(tiles, 1), triton.cdiv(K, 8 * BLOCKS["BLOCK_K"])))
+
+
+def _tiles(M: int, N: int) -> int:
+    return triton.cdiv(M, BLOCKS["BLOCK_M"]) * triton.cdiv(N, BLOCKS["BLOCK_N"])
+
+
 def _launch(a, a_strides, b, b_strides, c, M, N, K, *, bias=None, epilogue_elu=False,
-            y=None, y_strides=(0, 0), dbias=None, precision="ieee", a2=None, k1=0):
+            y=None, y_strides=(0, 0), dbias=None, precision="ieee", a2=None, k1=0, split=1):
     """C (M, N) = op(A) · B on views given by (row, reduction) strides of A and (reduction, col) of B.
 
-    With ``a2`` (M, K − k1) row-major-like (its own strides), A = [a (M, k1) ‖ a2]."""
+    With ``a2`` (M, K − k1) row-major-like (its own strides), A = [a (M, k1) ‖ a2]. With
+    ``split`` > 1 the reduction is cut into that many slices whose partial products (and partial
+    bias gradients) are summed after the launch."""
     bm, bn, bk = BLOCKS["BLOCK_M"], BLOCKS["BLOCK_N"], BLOCKS["BLOCK_K"]
-    # At least one column of programs even when N = 0, so a bias gradient is still written.
-    grid = (triton.cdiv(M, bm), max(triton.cdiv(N, bn), 1))
     if M == 0 or (N == 0 and dbias is None):
         return
+    k_split = triton.cdiv(triton.cdiv(max(K, 1), split), bk) * bk
+    split = max(1, triton.cdiv(K, k_split))
+    out, out_b = c, dbias
+    if split > 1:
+        out = torch.empty((split, M, N), dtype=c.dtype, device=c.device)
+        out_b = torch.empty((split, M), dtype=c.dtype, device=c.device) if dbias is not None else None
+    # At least one column of programs even when N = 0, so a bias gradient is still written.
+    grid = (triton.cdiv(M, bm), max(triton.cdiv(N, bn), 1), split)
     _matmul_kernel[grid](
-        a, b, c, bias if bias is not None else c, y if y is not None else a,
-        dbias if dbias is not None else c, a2 if a2 is not None else a,
-        M, N, K, k1 if a2 is not None else K, a_strides[0], a_strides[1], b_strides[0], b_strides[1],
-        c.stride(0), c.stride(1), y_strides[0], y_strides[1],
+        a, b, out, bias if bias is not None else out, y if y is not None else a,
+        out_b if out_b is not None else out, a2 if a2 is not None else a,
+        M, N, K, k1 if a2 is not None else K, k_split,
+        a_strides[0], a_strides[1], b_strides[0], b_strides[1],
+        out.stride(-2), out.stride(-1), y_strides[0], y_strides[1],
         a2.stride(0) if a2 is not None else 0, a2.stride(1) if a2 is not None else 0,
+        out.stride(0) if split > 1 else 0, out_b.stride(0) if split > 1 and out_b is not None else 0,
         SPLIT_A=a2 is not None, HAS_BIAS=bias is not None, EPILOGUE_ELU=epilogue_elu,
         PROLOGUE_ELU_GRAD=y is not None, BIAS_GRAD=dbias is not None,
-        PRECISION="bf16_emulated" if precision == "bf16" and _INTERPRET else precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+        PRECISION="bf16_emulated" if precision == "bf16" and _INTERPRET else precision,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=NUM_WARPS)
+    if split > 1:
+        c.copy_(out.sum(0))
+        if dbias is not None:
+            dbias.copy_(out_b.sum(0))
 
 
 # -- one layer as a custom op ---------------------------------------------------------------------
@@ -206,7 +246,8 @@ def linear_elu_backward(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
     # reduction (M = 0) runs zero loop iterations and writes zeros. With K = 0, grad_W is empty
     # but grad_b is not: _launch keeps one column of programs so grad_b is still written.
     _launch(grad, (grad.stride(1), grad.stride(0)), x, (x.stride(0), x.stride(1)), grad_w,
-            N, K, M, y=y, y_strides=ys_t, dbias=grad_b, precision=precision)
+            N, K, M, y=y, y_strides=ys_t, dbias=grad_b, precision=precision,
+            split=_split_k(_tiles(N, K), M, x.device))
     if not need_input_grad:
         return x.new_empty(0), grad_w, grad_b
     grad_x = _alloc((M, K), x)
@@ -289,9 +330,11 @@ def linear_elu_cat_backward(grad: torch.Tensor, out: torch.Tensor, x1: torch.Ten
     grad_b = _alloc((N,), x1)
     gw1, gw2 = grad_w[:, :K1], grad_w[:, K1:]
     _launch(grad, (grad.stride(1), grad.stride(0)), x1, (x1.stride(0), x1.stride(1)), gw1,
-            N, K1, M, y=y, y_strides=ys_t, dbias=grad_b, precision=precision)
+            N, K1, M, y=y, y_strides=ys_t, dbias=grad_b, precision=precision,
+            split=_split_k(_tiles(N, K1), M, x1.device))
     _launch(grad, (grad.stride(1), grad.stride(0)), x2, (x2.stride(0), x2.stride(1)), gw2,
-            N, K2, M, y=y, y_strides=ys_t, precision=precision)
+            N, K2, M, y=y, y_strides=ys_t, precision=precision,
+            split=_split_k(_tiles(N, K2), M, x1.device))
     if not need_input_grad:
         return x1.new_empty(0), x1.new_empty(0), grad_w, grad_b
     grads = []
@@ -375,9 +418,10 @@ def elu_mlp_cat(x1: torch.Tensor, x2: torch.Tensor, layers: nn.Sequential,
 def _spec(name, dtype, **flags):
     sig = {"a_ptr": dtype, "b_ptr": dtype, "c_ptr": dtype, "bias_ptr": dtype, "y_ptr": dtype,
            "dbias_ptr": dtype, "a2_ptr": dtype, "M": "i32", "N": "i32", "K": "i32", "K1": "i32",
+           "K_SPLIT": "i32",
            "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
            "stride_cm": "i32", "stride_cn": "i32", "stride_ym": "i32", "stride_yk": "i32",
-           "stride_a2m": "i32", "stride_a2k": "i32"}
+           "stride_a2m": "i32", "stride_a2k": "i32", "stride_cs": "i32", "stride_dbs": "i32"}
     constexprs = {"SPLIT_A": False, "HAS_BIAS": False, "EPILOGUE_ELU": False,
                   "PROLOGUE_ELU_GRAD": False, "BIAS_GRAD": False, "PRECISION": "ieee", **BLOCKS}
     constexprs.update(flags)

@@ -69,6 +69,26 @@ def test_no_bias_layer_and_parameter_grads_land_in_dot_grad():
         torch.testing.assert_close(a, p.grad, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("split", [2, 3])
+def test_weight_gradient_split_over_rows(split, monkeypatch):
+    """The weight gradient's reduction over rows cut into slices (as on a GPU with few output
+    tiles); 45 rows with BLOCK_K = 16 make slices of unequal length, the last one partial."""
+    monkeypatch.setattr(mlp, "WEIGHT_GRAD_SPLIT_K", split)
+    g = torch.Generator().manual_seed(10 + split)
+    net = make_mlp([20, 19, 3], last_activation=True).double()
+    x1 = torch.randn(45, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(45, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    params = list(net.parameters())
+    gy = torch.randn(45, 3, generator=g, dtype=torch.float64)
+    ref = net(torch.cat([x1, x2], 1))
+    want = _grads(ref, [x1, x2] + params, gy)
+    got = _grads(mlp.elu_mlp(torch.cat([x1, x2], 1), net), [x1, x2] + params, gy)
+    got_cat = _grads(mlp.elu_mlp_cat(x1, x2, net), [x1, x2] + params, gy)
+    for a, c, b in zip(got, got_cat, want):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+        torch.testing.assert_close(c, b, rtol=1e-11, atol=1e-11)
+
+
 def test_gradcheck_tiny():
     g = torch.Generator().manual_seed(4)
     w1 = torch.randn(17, 5, generator=g, dtype=torch.float64, requires_grad=True)

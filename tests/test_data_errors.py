@@ -137,6 +137,14 @@ def test_nan_and_zero_labels_masked_per_target_and_atom(tmp_path):
     assert s["forces"]["atoms_used"] == 4 * 5 - 5 - 1
 
 
+def test_zero_forces_of_a_lone_atom_are_real(tmp_path):
+    m = mol(nc=2, z=(8,))
+    m["wb97x_tz.forces"][:] = 0.0
+    p = write(tmp_path / "a.h5", {"O": m})
+    ds = load_dataset(src(p))
+    assert (ds.labels["forces"] == 0).all() and ds.summary_dict()["labels"]["forces"]["used"] == 2
+
+
 def test_bad_config(tmp_path):
     p = write(tmp_path / "a.h5", {"CH4": mol()})
     with pytest.raises(DataError, match="unknown unit"):

@@ -12,7 +12,8 @@ Property entries: ``key`` (dataset name inside a molecule group), ``unit``, ``co
 (``"force"`` = −dE/dR as stored, ``"gradient"`` = +dE/dR, negated on reading), ``drop_last_column``
 (06r charge arrays carry an extra residual column), ``per`` (``"atom"``/``"conformer"``, known for the
 standard names), ``zero_is_missing`` (all-zero rows mean "not computed"; default on for energy, forces,
-charges, volumes) and ``required`` (default true: a key found in no group of the file is an error,
+charges, volumes, except per-atom rows of single-atom conformers; turn it off where exact zeros are
+real, e.g. rounded charges of a homonuclear diatomic) and ``required`` (default true: a key found in no group of the file is an error,
 because it is most likely a typo; found in some groups only, the others are masked and counted).
 Without ``properties`` the layout's defaults apply (``LAYOUTS[...]["defaults"]``).
 
@@ -428,7 +429,8 @@ def _read_label(name, p, g, gname, sl, n, na, nc, present, path):
     if p["convention"] == "gradient":
         val = -val
     zero = np.zeros(n, bool)
-    if p["zero_is_missing"]:
+    # A lone atom has zero force and charge for real: only rows of two or more atoms are "missing".
+    if p["zero_is_missing"] and (per == "conformer" or na > 1):
         rows = val.reshape(n, -1)
         zero = (rows == 0).all(axis=1)
         rows[zero] = np.nan

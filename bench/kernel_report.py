@@ -163,8 +163,9 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        mark = "" if r.get("ptxas_regs") == r["REG"] else "*"
         lines.append(f"| {r['module']} | {r['name']} | sm_{r['cc']} | {r['num_warps']} | "
-                     f"{r['num_stages']} | {r['REG']}{'' if r.get('ptxas_regs') == r['REG'] else '*'} | {r['spill_st']} | {r['spill_ld']} | "
+                     f"{r['num_stages']} | {r['REG']}{mark} | {r['spill_st']} | {r['spill_ld']} | "
                      f"{r['STACK']} | {r['LOCAL']} | {r['SHARED']} | {r['dyn_shared']} | "
                      f"{r['constexprs']} |")
     if errors:

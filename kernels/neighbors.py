@@ -22,6 +22,8 @@ Coordinates in Å.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -32,7 +34,7 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _tile_mask(coord_ptr, cut2_ptr, ii, mask_i, xi, yi, zi, j0, end, BLOCK_J: tl.constexpr):
+def _tile_mask(coord_ptr, cut2_bits, ii, mask_i, xi, yi, zi, j0, end, BLOCK_J: tl.constexpr):
     """(BLOCK_I, BLOCK_J) mask of neighbors j in [j0, j0 + BLOCK_J) ∩ [.., end) of atoms ii."""
     jj = j0 + tl.arange(0, BLOCK_J)
     mask_j = jj < end
@@ -44,7 +46,9 @@ def _tile_mask(coord_ptr, cut2_ptr, ii, mask_i, xi, yi, zi, j0, end, BLOCK_J: tl
     dy = yj[None, :] - yi[:, None]
     dz = zj[None, :] - zi[:, None]
     d2 = dx * dx + dy * dy + dz * dz
-    cut2 = tl.load(cut2_ptr)
+    # The squared cutoff arrives as the int64 bit pattern of a float64: a Python float argument
+    # would be rounded to float32, and a tensor would cost a host-to-device copy per call.
+    cut2 = cut2_bits.to(tl.float64, bitcast=True)
     return (d2 < cut2) & mask_i[:, None] & mask_j[None, :] & (ii[:, None] != jj[None, :]), jj
 
 
@@ -66,24 +70,24 @@ def _centre_tile(coord_ptr, offsets_ptr, BLOCK_I: tl.constexpr):
 
 
 @triton.jit
-def _count_kernel(coord_ptr, offsets_ptr, cut2_ptr, counts_ptr,
+def _count_kernel(coord_ptr, offsets_ptr, cut2_bits, counts_ptr,
                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     start, end, ii, mask_i, xi, yi, zi = _centre_tile(coord_ptr, offsets_ptr, BLOCK_I)
     count = tl.zeros((BLOCK_I,), dtype=tl.int32)
     for j0 in range(start, end, BLOCK_J):
-        m, jj = _tile_mask(coord_ptr, cut2_ptr, ii, mask_i, xi, yi, zi, j0, end, BLOCK_J)
+        m, jj = _tile_mask(coord_ptr, cut2_bits, ii, mask_i, xi, yi, zi, j0, end, BLOCK_J)
         count += tl.sum(m.to(tl.int32), axis=1)
     tl.store(counts_ptr + ii, count, mask=mask_i)
 
 
 @triton.jit
-def _write_kernel(coord_ptr, offsets_ptr, cut2_ptr, first_ptr, pairs_ptr, capacity,
+def _write_kernel(coord_ptr, offsets_ptr, cut2_bits, first_ptr, pairs_ptr, capacity,
                   BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """pairs_ptr: (2, capacity) int64, row 0 = i, row 1 = j; first_ptr: (N,) int64 first slots."""
     start, end, ii, mask_i, xi, yi, zi = _centre_tile(coord_ptr, offsets_ptr, BLOCK_I)
     slot = tl.load(first_ptr + ii, mask=mask_i, other=0)
     for j0 in range(start, end, BLOCK_J):
-        m, jj = _tile_mask(coord_ptr, cut2_ptr, ii, mask_i, xi, yi, zi, j0, end, BLOCK_J)
+        m, jj = _tile_mask(coord_ptr, cut2_bits, ii, mask_i, xi, yi, zi, j0, end, BLOCK_J)
         hits = m.to(tl.int64)
         # Inclusive scan along j: the k-th neighbor of i in this tile goes to slot + k − 1.
         pos = slot[:, None] + tl.cumsum(hits, axis=1) - 1
@@ -100,7 +104,7 @@ def _inputs(coord: torch.Tensor, offsets: torch.Tensor, cutoff_A: float):
         raise TypeError(f"coord must be float32 or float64, got {coord.dtype}")
     coord = coord.detach().contiguous()
     offsets = offsets.to(device=coord.device, dtype=torch.int32).contiguous()
-    cut2 = torch.tensor([float(cutoff_A) ** 2], dtype=torch.float64, device=coord.device)
+    cut2 = struct.unpack("<q", struct.pack("<d", float(cutoff_A) ** 2))[0]
     return coord, offsets, cut2
 
 
@@ -292,7 +296,7 @@ def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor, offsets: torch.T
 
 # -- ahead-of-time configurations for bench/kernel_report.py ---------------------------------------
 def _spec(name, fn, coord_dtype, extra):
-    sig = {"coord_ptr": coord_dtype, "offsets_ptr": "*i32", "cut2_ptr": "*fp64", **extra,
+    sig = {"coord_ptr": coord_dtype, "offsets_ptr": "*i32", "cut2_bits": "i64", **extra,
            "BLOCK_I": "constexpr", "BLOCK_J": "constexpr"}
     return {"name": name, "fn": fn, "signature": sig, "constexprs": dict(BLOCKS),
             "num_warps": NUM_WARPS}

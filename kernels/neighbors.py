@@ -137,8 +137,9 @@ def neighbor_pairs_padded(coord: torch.Tensor, offsets: torch.Tensor, cutoff_A: 
     coord (N, 3) Å, offsets (M+1,) atom ranges of the molecules, ``max_atoms`` an upper bound on
     the atoms of one molecule (−1: read it from offsets, one host sync).
     Returns ``pairs`` (2, capacity) int64 sorted by i then j, slots past the count filled with −1;
-    ``n_pairs`` () int64 the true number of pairs; ``overflow`` () bool, n_pairs > capacity (then
-    only the first ``capacity`` pairs are in ``pairs``: rerun with capacity ≥ n_pairs).
+    ``n_pairs`` () int64 the true number of pairs; ``overflow`` () bool: n_pairs > capacity (then
+    only the first ``capacity`` pairs are in ``pairs``: rerun with capacity ≥ n_pairs), or
+    ``max_atoms`` below the largest molecule (then the result is wrong: rerun with a larger one).
     """
     counts = neighbor_counts(coord, offsets, cutoff_A, None if max_atoms < 0 else max_atoms)
     coord, offsets32, cut2 = _inputs(coord, offsets, cutoff_A)
@@ -150,7 +151,9 @@ def neighbor_pairs_padded(coord: torch.Tensor, offsets: torch.Tensor, cutoff_A: 
     if counts.numel() and offsets32.numel() > 1 and capacity > 0:
         _write_kernel[_grid(offsets32, None if max_atoms < 0 else max_atoms)](
             coord, offsets32, cut2, first, pairs, capacity, num_warps=NUM_WARPS, **BLOCKS)
-    return pairs, n_pairs, n_pairs > capacity
+    # An atom left at −1 was in no program's tile: max_atoms was below the largest molecule.
+    overflow = (n_pairs > capacity) | (counts < 0).any()
+    return pairs, n_pairs, overflow
 
 
 @neighbor_pairs_padded.register_fake

@@ -115,8 +115,12 @@ def test_overflow_flag_and_grow_path():
     # the host wrapper grows a tiny buffer to the counted size and reruns
     assert torch.equal(nb.neighbor_pairs(coord, mol_idx, offsets, 4.6, capacity=1), want)
     # an explicit per-molecule bound gives the same result without reading offsets on the host
-    pairs, n_pairs, _ = nb.neighbor_pairs_padded(coord, offsets, 4.6, want.shape[1], max_atoms=13)
-    assert torch.equal(pairs, want)
+    pairs, n_pairs, overflow = nb.neighbor_pairs_padded(coord, offsets, 4.6, want.shape[1],
+                                                        max_atoms=13)
+    assert torch.equal(pairs, want) and not bool(overflow)
+    # a bound below the largest molecule (13 atoms) leaves atoms uncounted: flagged, not silent
+    _, _, overflow = nb.neighbor_pairs_padded(coord, offsets, 4.6, want.shape[1], max_atoms=4)
+    assert bool(overflow)
 
 
 def test_same_signature_as_reference_and_input_checks():

@@ -91,7 +91,8 @@ def _write_kernel(coord_ptr, offsets_ptr, cut2_bits, first_ptr, pairs_ptr, capac
         hits = m.to(tl.int64)
         # Inclusive scan along j: the k-th neighbor of i in this tile goes to slot + k − 1.
         pos = slot[:, None] + tl.cumsum(hits, axis=1) - 1
-        ok = m & (pos < capacity)
+        # pos < 0 only after a too-small max_atoms (flagged by the host wrapper): never write there.
+        ok = m & (pos < capacity) & (pos >= 0)
         i_full = ii[:, None] + tl.zeros_like(jj)[None, :]
         j_full = jj[None, :] + tl.zeros_like(ii)[:, None]
         tl.store(pairs_ptr + pos, i_full.to(tl.int64), mask=ok)

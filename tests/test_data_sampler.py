@@ -24,6 +24,16 @@ def test_split_keeps_molecules_on_one_side(ds):
     assert not np.array_equal(va, split(ds, val_fraction=0.1, seed=4)[1])
 
 
+def test_split_with_few_large_groups(shared):
+    """CH4 5400, NH3 3600, H2O 1800 conformers: 10 % cannot be met; the smallest group is the best."""
+    d = load_dataset(shared / "data" / "ani1_gdb_s01.h5")
+    for seed in range(5):
+        tr, va = split(d, val_fraction=0.1, seed=seed)
+        assert va.size == 1800 and tr.size == 9000
+    tr, va = split(d, val_fraction=0.0)
+    assert va.size == 0 and tr.size == d.n_conf
+
+
 def test_kfold_covers_every_conformer_once(ds):
     seen = np.zeros(ds.n_conf, int)
     for f in range(5):

@@ -14,7 +14,8 @@ def split(ds, val_fraction: float = 0.1, seed: int = 0, n_folds: int | None = No
 
     ``n_folds``/``fold``: k-fold split, the groups dealt (in a seeded random order) to the fold with
     the fewest conformers so far; fold ``fold`` is the validation side. Otherwise about
-    ``val_fraction`` of the conformers, by whole groups in a seeded random order.
+    ``val_fraction`` of the conformers, by whole groups taken in a seeded random order while each
+    brings the count closer to the target (at least one group when ``val_fraction`` > 0).
     """
     group = np.asarray(ds.group)
     n_groups = int(group.max()) + 1 if group.size else 0
@@ -40,18 +41,24 @@ def split(ds, val_fraction: float = 0.1, seed: int = 0, n_folds: int | None = No
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError("val_fraction must be in [0, 1)")
         target = val_fraction * group.size
-        cum = np.cumsum(size[order])
-        k = int(np.searchsorted(cum, target))  # groups taken: cum[k-1] < target <= cum[k]
-        if k < live.size and (k == 0 or abs(cum[k] - target) < abs(cum[k - 1] - target)):
-            k += 1
-        if val_fraction > 0 and k == 0:
-            k = 1
-        if val_fraction > 0 and k >= live.size:
-            if live.size < 2:
-                raise DataError("one molecule/formula only: cannot split it into train and val")
-            k = live.size - 1
+        # Groups in seeded random order; a group goes to validation when it brings the count
+        # closer to the target (a group larger than that is passed over, not taken whole).
+        taken, tot = [], 0
+        if val_fraction > 0:
+            for g in order:
+                if abs(tot + size[g] - target) < abs(tot - target):
+                    taken.append(g)
+                    tot += size[g]
+                    if tot >= target:
+                        break
+            if not taken:
+                taken = [order[np.argmin(size[order])]]
+            if len(taken) >= live.size:
+                if live.size < 2:
+                    raise DataError("one molecule/formula only: cannot split it into train and val")
+                taken = taken[:-1]
         val_groups = np.zeros(n_groups, bool)
-        val_groups[order[:k]] = True
+        val_groups[np.asarray(taken, np.int64)] = True
         is_val = val_groups[group]
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
 

@@ -236,15 +236,15 @@ def new_counts(src: dict) -> dict:
 
 def _species_to_numbers(arr: np.ndarray, path: str, group: str) -> np.ndarray:
     if arr.dtype.kind in "SUO":
-        out = np.empty(arr.shape, np.int64)
-        flat = arr.reshape(-1)
-        for i, s in enumerate(flat):
+        uniq, inv = np.unique(arr.reshape(-1), return_inverse=True)
+        zs = np.empty(len(uniq), np.int64)
+        for i, s in enumerate(uniq):
             s = s.decode() if isinstance(s, bytes) else str(s)
             z = _SYMBOL_TO_Z.get(s.strip().lower())
             if z is None:
                 raise DataError(f"unknown element symbol {s!r}", path, group)
-            out.reshape(-1)[i] = z
-        return out
+            zs[i] = z
+        return zs[np.asarray(inv).reshape(-1)].reshape(arr.shape)
     if arr.dtype.kind not in "iu":
         raise DataError(f"species of dtype {arr.dtype} are neither symbols nor atomic numbers",
                         path, group)
@@ -389,8 +389,8 @@ def _read_chunk(src, g, gname, c0, c1, nc, na, spec_all, cds, cfac, elements, pr
 def _read_label(name, p, g, gname, sl, n, na, nc, present, path):
     """One property for conformers ``sl`` in stored units, NaN where missing.
 
-    Returns (values, zero_rows (n,) bool, "atom" | "conformer"): rows that were all zero (and are now NaN) are flagged so
-    that the summary counts them apart from NaN rows.
+    Returns (values, zero_rows (n,) bool, "atom" | "conformer"); rows that were all zero (now NaN)
+    are flagged so that the summary counts them apart from NaN rows.
     """
     dtype = np.dtype(p["dtype"])
     tail = tuple(p["tail"]) if p["tail"] is not None else None

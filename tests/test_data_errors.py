@@ -145,6 +145,21 @@ def test_zero_forces_of_a_lone_atom_are_real(tmp_path):
     assert (ds.labels["forces"] == 0).all() and ds.summary_dict()["labels"]["forces"]["used"] == 2
 
 
+def test_byte_symbols_unknown_or_outside_the_model(tmp_path):
+    """ANI-1 layout (<set>/<mol>/species as byte symbols)."""
+    p = tmp_path / "a.h5"
+    with h5py.File(p, "w") as f:
+        for name, sp in (("m0", [b"C", b"H"]), ("m1", [b"Si", b"H"]), ("m2", [b"Qq", b"H"])):
+            g = f.create_group(f"gdb11_s01/{name}")
+            g["species"] = np.array(sp, dtype="S2")
+            g["coordinates"] = np.zeros((2, 2, 3), np.float32) + np.arange(2)[None, :, None]
+            g["energies"] = np.array([-38.0, -38.1])
+    with pytest.raises(DataError, match=r"a\.h5:gdb11_s01/m1:0: element Si"):
+        load_dataset([{"path": p, "layout": "ani1"}])
+    with pytest.raises(DataError, match=r"a\.h5:gdb11_s01/m2:-: unknown element symbol 'Qq'"):
+        load_dataset([{"path": p, "layout": "ani1", "skip_unknown_elements": True}])
+
+
 def test_bad_config(tmp_path):
     p = write(tmp_path / "a.h5", {"CH4": mol()})
     with pytest.raises(DataError, match="unknown unit"):

@@ -1,9 +1,11 @@
 """``PackedDataset``: all conformers of one or more sources as flat arrays, and its packed cache.
 
-The first read of a source streams it group by group / chunk by chunk into flat ``.npy`` files
-(``CACHE_DIR/<file stem>-<key>/``, key = hash of the file's path, size, mtime and the normalized
-property map); later runs memory-map them. Nothing in the build holds more than one chunk of the file
-in memory, so a file larger than the RAM can be packed.
+The first read of a list of sources streams them group by group / chunk by chunk into flat ``.npy``
+files (``CACHE_DIR/<first file stem>[+<more files>]-<key>/``, key = hash of every file's path, size
+and mtime and the normalized property maps and options); later runs memory-map them. Nothing in the
+build holds more than one chunk of a file in memory, so data larger than the RAM can be packed. The
+folder appears atomically (built under a temporary name, then renamed), so ranks that build the same
+cache at once do not clash. Caches of files that changed are not deleted: clear CACHE_DIR by hand.
 """
 from __future__ import annotations
 

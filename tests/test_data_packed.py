@@ -92,6 +92,27 @@ def test_several_sources_share_one_memory_mapped_cache(synth, shared, tmp_path):
     assert len(cached.group_names) == 3 + 17 + 1 and cached.group.max() == 20
 
 
+def _build_in_child(path, cache, q):
+    try:
+        q.put(load_dataset(path, cache_dir=cache).n_conf)
+    except Exception as e:  # pragma: no cover - reported to the parent
+        q.put(repr(e))
+
+
+def test_ranks_building_the_same_cache_at_once(synth, tmp_path):
+    import multiprocessing as mp
+    path, info = synth
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(path, tmp_path / "cache", q)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [q.get(timeout=5) for _ in procs] == [info["conformers"]] * 2
+    assert len(os.listdir(tmp_path / "cache")) == 1  # no temporary folder left behind
+
+
 def test_cache_key_follows_file_and_property_map(synth, tmp_path):
     path, _ = synth
     cache = tmp_path / "cache"

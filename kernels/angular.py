@@ -50,20 +50,32 @@ CLAMP = tl.constexpr(COS_CLAMP)
 SCALE = tl.constexpr(2.0 ** (1.0 - ANGULAR_ZETA))
 NC = tl.constexpr(N_ANGULAR)
 NA = tl.constexpr(_NA)
+SQRT_HALF = tl.constexpr(math.sqrt(0.5))
 
 BLOCK_T = 16   # triplets per step of the list walk
 BLOCK_F = 16   # features per program (the model has F = 16)
 # The pair backward holds grad_out of BLOCK_T centres (BLOCK_T × 32 × BLOCK_F): 16 spills registers
 # in float32 on sm_90 (ptxas -v), 8 does not.
 BLOCK_T_BWD = 8
+# float64 takes two registers per value: it needs shorter steps not to spill.
+BLOCK_T_FP64, BLOCK_T_BWD_FP64 = 4, 4
 
 
 @triton.jit
 def _channel_tables(dtype: tl.constexpr):
     """cos θ_z, sin θ_z and R_a (Å) for the 32 channels c = z·4 + a, each (32,)."""
+    # θ_z = z·π/4 takes only the values 0, ±1 and ±sqrt(1/2): no trigonometry in the kernel (in
+    # float64, libdevice's cos and sin made the forward spill). Built from a tensor so that the
+    # constants keep the compute dtype.
     c = tl.arange(0, NC)
-    sector = (c // NA).to(dtype) * (PI / 4)
-    return tl.cos(sector), tl.sin(sector), (c % NA).to(dtype) * 0.65 + 0.5
+    z = c // NA
+    one = tl.zeros((NC,), dtype) + 1.0
+    half = one * SQRT_HALF
+    cz = tl.where(z % 2 == 1, half, tl.where(z % 4 == 0, one, one * 0.0))
+    sz = tl.where(z % 2 == 1, half, tl.where(z % 4 == 2, one, one * 0.0))
+    cz = tl.where((z >= 3) & (z <= 5), -cz, cz)
+    sz = tl.where(z >= 5, -sz, sz)
+    return cz, sz, (c % NA).to(dtype) * 0.65 + 0.5
 
 
 @triton.jit
@@ -274,11 +286,12 @@ def angular_bwd_gather_kernel(dv_ptr, gcentre_ptr, order_j_ptr, start_j_ptr, ord
 
 # ---------------------------------------------------------------- launch functions (no policy)
 
-def angular_forward(coord, triplets, triplet_pair, starts, pair_feat, block_t: int = BLOCK_T,
+def angular_forward(coord, triplets, triplet_pair, starts, pair_feat, block_t: int | None = None,
                     block_f: int = BLOCK_F):
     """Launch the forward. triplets (3, T) contiguous, starts (N + 1,) row starts of triplets[0]
-    → (N, 32, F)."""
+    → (N, 32, F). block_t None: the default of the dtype."""
     n, f, t = coord.shape[0], pair_feat.shape[1], triplets.shape[1]
+    block_t = block_t or (BLOCK_T_FP64 if pair_feat.dtype == torch.float64 else BLOCK_T)
     out = common.empty((n, N_ANGULAR, f), pair_feat)
     if n and f:
         angular_fwd_kernel[(n, triton.cdiv(f, block_f))](coord, triplets, triplet_pair, starts,
@@ -290,12 +303,13 @@ def angular_forward(coord, triplets, triplet_pair, starts, pair_feat, block_t: i
 
 
 def angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat,
-                     block_t: int = BLOCK_T_BWD, block_f: int = BLOCK_F):
+                     block_t: int | None = None, block_f: int = BLOCK_F):
     """Launch the three backward kernels → (grad coord (N, 3), grad pair_feat (Q, F)).
 
     Index preparation (stable sorts by pair, by j and by k; row starts) is done here with torch.
     """
     n, (nq, f), t = coord.shape[0], pair_feat.shape, triplets.shape[1]
+    block_t = block_t or (BLOCK_T_BWD_FP64 if pair_feat.dtype == torch.float64 else BLOCK_T_BWD)
     gcoord = common.empty(coord.shape, coord)
     gpf = common.empty(pair_feat.shape, pair_feat)
     if n == 0:
@@ -387,9 +401,9 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
 
 def _specs():
     specs = []
-    blocks = {"BLOCK_T": BLOCK_T, "BLOCK_F": BLOCK_F}
-    bwd_blocks = {"BLOCK_T": BLOCK_T_BWD, "BLOCK_F": BLOCK_F}
-    for fp in ("fp32", "fp64"):
+    for fp, fwd, bwd in (("fp32", BLOCK_T, BLOCK_T_BWD), ("fp64", BLOCK_T_FP64, BLOCK_T_BWD_FP64)):
+        blocks = {"BLOCK_T": fwd, "BLOCK_F": BLOCK_F}
+        bwd_blocks = {"BLOCK_T": bwd, "BLOCK_F": BLOCK_F}
         specs.append({"name": f"angular_fwd_{fp}", "fn": angular_fwd_kernel,
                       "signature": {"coord_ptr": f"*{fp}", "trip_ptr": "*i64", "tp_ptr": "*i64",
                                     "start_ptr": "*i64", "pf_ptr": f"*{fp}", "out_ptr": f"*{fp}",
@@ -413,7 +427,7 @@ def _specs():
                                     "order_j_ptr": "*i64", "start_j_ptr": "*i64",
                                     "order_k_ptr": "*i64", "start_k_ptr": "*i64",
                                     "gcoord_ptr": f"*{fp}", "BLOCK_T": "constexpr"},
-                      "constexprs": {"BLOCK_T": BLOCK_T_BWD}})
+                      "constexprs": {"BLOCK_T": bwd}})
     return specs
 
 

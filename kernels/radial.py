@@ -44,6 +44,8 @@ BLOCK_F = 16   # features per program (the model has F = 16)
 # The backward holds grad_out of BLOCK_P neighbors (BLOCK_P × 16 × BLOCK_F): 16 spills registers
 # in float32 on sm_90 (ptxas -v), 8 does not.
 BLOCK_P_BWD = 8
+# float64 takes two registers per value: its backward needs shorter steps not to spill.
+BLOCK_P_FP64, BLOCK_P_BWD_FP64 = 16, 4
 
 
 @triton.jit
@@ -153,9 +155,11 @@ def radial_bwd_kernel(coord_ptr, nbr_ptr, start_ptr, afv_ptr, gout_ptr, gafv_ptr
 
 # ---------------------------------------------------------------- launch functions (no policy)
 
-def radial_forward(coord, nbr, starts, afv, block_p: int = BLOCK_P, block_f: int = BLOCK_F):
-    """Launch the forward. nbr = pairs[1] (P,), starts (N + 1,) CSR row starts → (N, 16, F)."""
+def radial_forward(coord, nbr, starts, afv, block_p: int | None = None, block_f: int = BLOCK_F):
+    """Launch the forward. nbr = pairs[1] (P,), starts (N + 1,) CSR row starts → (N, 16, F).
+    block_p None: the default of the dtype."""
     n, f = coord.shape[0], afv.shape[1]
+    block_p = block_p or (BLOCK_P_FP64 if afv.dtype == torch.float64 else BLOCK_P)
     out = common.empty((n, N_RADIAL, f), afv)
     if n and f:
         radial_fwd_kernel[(n, triton.cdiv(f, block_f))](coord, nbr, starts, afv, out, f,
@@ -165,10 +169,11 @@ def radial_forward(coord, nbr, starts, afv, block_p: int = BLOCK_P, block_f: int
     return out
 
 
-def radial_backward(grad_out, coord, nbr, starts, afv, block_p: int = BLOCK_P_BWD,
+def radial_backward(grad_out, coord, nbr, starts, afv, block_p: int | None = None,
                     block_f: int = BLOCK_F):
     """Launch the backward → (grad coord (N, 3), grad afv (N, F))."""
     n, f = coord.shape[0], afv.shape[1]
+    block_p = block_p or (BLOCK_P_BWD_FP64 if afv.dtype == torch.float64 else BLOCK_P_BWD)
     gcoord = common.empty(coord.shape, coord)
     gafv = common.empty(afv.shape, afv)
     if n:
@@ -243,18 +248,18 @@ def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor)
 
 def _specs():
     specs = []
-    for fp in ("fp32", "fp64"):
+    for fp, fwd, bwd in (("fp32", BLOCK_P, BLOCK_P_BWD), ("fp64", BLOCK_P_FP64, BLOCK_P_BWD_FP64)):
         specs.append({"name": f"radial_fwd_{fp}", "fn": radial_fwd_kernel,
                       "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64", "start_ptr": "*i64",
                                     "afv_ptr": f"*{fp}", "out_ptr": f"*{fp}", "F": "i32",
                                     "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": {"BLOCK_P": BLOCK_P, "BLOCK_F": BLOCK_F}})
+                      "constexprs": {"BLOCK_P": fwd, "BLOCK_F": BLOCK_F}})
         specs.append({"name": f"radial_bwd_{fp}", "fn": radial_bwd_kernel,
                       "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64", "start_ptr": "*i64",
                                     "afv_ptr": f"*{fp}", "gout_ptr": f"*{fp}", "gafv_ptr": f"*{fp}",
                                     "gcoord_ptr": f"*{fp}", "F": "i32",
                                     "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": {"BLOCK_P": BLOCK_P_BWD, "BLOCK_F": BLOCK_F}})
+                      "constexprs": {"BLOCK_P": bwd, "BLOCK_F": BLOCK_F}})
     return specs
 
 

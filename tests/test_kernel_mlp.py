@@ -21,6 +21,7 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(mlp.BLOCKS, "BLOCK_N", 16)
     monkeypatch.setitem(mlp.BLOCKS, "BLOCK_K", 16)
     monkeypatch.setattr(mlp, "POISON_OUTPUTS", True)
+    torch.manual_seed(1234)  # the default initialisation of the nn.Linear layers built below
 
 
 def _grads(out, inputs, g):
@@ -142,14 +143,21 @@ def test_precision_cost_on_real_size_layers(precision, capsys, monkeypatch):
     g = torch.Generator().manual_seed(6)
     net = make_mlp([768, 512, 256], last_activation=True)
     x = torch.randn(40, 768, generator=g) * 0.5
+    gy = torch.randn(40, 256, generator=g, dtype=torch.float64)
     ref = net.double()(x.double())
+    ref_gw = torch.autograd.grad(ref, net[0].weight, gy)[0]
+    ref = ref.detach()
     net.float()
     out = mlp.elu_mlp(x, net, precision)
+    gw = torch.autograd.grad(out, net[0].weight, gy.float())[0].double()
+    out = out.detach()
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     err = (out.double() - ref).abs().max().item()
+    rel_gw = ((gw - ref_gw).norm() / ref_gw.norm()).item()
     with capsys.disabled():
-        print(f"\n[precision {precision}, 768→512→256, 40 rows] max abs err {err:.3e}, "
-              f"rel Frobenius err {rel:.3e}")
+        print(f"\n[precision {precision}, 768→512→256, 40 rows] output: max abs err {err:.3e}, "
+              f"rel Frobenius err {rel:.3e}; grad of W1 (512×768): rel Frobenius err {rel_gw:.3e}")
+    assert rel_gw < (3e-2 if precision == "bf16" else 1e-5)
     if precision == "bf16":
         h = x
         for lin, act in mlp.mlp_layers(net):

@@ -182,7 +182,7 @@ def neighbor_pairs(coord: torch.Tensor, mol_idx: torch.Tensor, offsets: torch.Te
 
     coord (N, 3) Å; mol_idx (N,) non-decreasing; offsets (M+1,) the molecules' atom ranges (None:
     derived from mol_idx). ``capacity``: the first buffer's size in pairs (default 64 per atom);
-    if it overflows, the buffer grows to the exact count and the write pass reruns.
+    if it overflows, the search reruns with a buffer of the exact count.
     """
     n = coord.shape[0]
     if offsets is None:
@@ -197,7 +197,7 @@ def neighbor_pairs(coord: torch.Tensor, mol_idx: torch.Tensor, offsets: torch.Te
         pairs, n_pairs, overflow = neighbor_pairs_padded(coord, offsets, cutoff_A, total)
         if bool(overflow) or int(n_pairs) != total:  # pragma: no cover - would be a kernel bug
             raise RuntimeError("neighbor list overflowed after growing to the counted size")
-    return pairs[:, :total]
+    return pairs[:, :total].contiguous()  # (2, P) rows, not a view into the larger buffer
 
 
 def neighbor_pairs_like_reference(coord: torch.Tensor, mol_idx: torch.Tensor,

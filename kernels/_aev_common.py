@@ -36,11 +36,12 @@ def empty(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def csr_starts(sorted_index: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Row starts (n_rows + 1,) int64 of a non-decreasing index vector (e.g. pairs[0])."""
-    counts = torch.bincount(sorted_index, minlength=n_rows)
-    starts = torch.zeros(n_rows + 1, dtype=torch.int64, device=sorted_index.device)
-    torch.cumsum(counts, 0, out=starts[1:])
-    return starts
+    """Row starts (n_rows + 1,) int64 of a non-decreasing index vector (e.g. pairs[0]).
+
+    A binary search, not bincount: no device-to-host sync, so a step stays capturable by a CUDA
+    graph."""
+    rows = torch.arange(n_rows + 1, dtype=sorted_index.dtype, device=sorted_index.device)
+    return torch.searchsorted(sorted_index, rows).to(torch.int64)
 
 
 def group_by(index: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +50,8 @@ def group_by(index: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tens
     Returns ``order`` (len,) int64 with index[order] non-decreasing (ties keep their original order,
     so reductions over a row are deterministic) and ``starts`` (n_rows + 1,) int64.
     """
-    order = torch.sort(index, stable=True).indices
-    return order.contiguous(), csr_starts(index, n_rows)
+    values, order = torch.sort(index, stable=True)
+    return order.contiguous(), csr_starts(values, n_rows)
 
 
 def check_inputs(name: str, coord: torch.Tensor, feat: torch.Tensor) -> None:

@@ -200,3 +200,12 @@ def test_fake_tensor_registration():
     torch.library.opcheck(angular._angular_op,
                           (coord.requires_grad_(), nb.triplets, pair_feat, nb.triplet_pair),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_index_helpers():
+    index = torch.tensor([3, 0, 3, 1, 0, 3])
+    order, starts = common.group_by(index, 5)
+    assert order.tolist() == [1, 4, 3, 0, 2, 5]       # stable: ties keep their order
+    assert starts.tolist() == [0, 2, 3, 3, 6, 6]
+    assert common.csr_starts(torch.tensor([0, 0, 2]), 4).tolist() == [0, 2, 2, 3, 3]
+    assert common.csr_starts(torch.zeros(0, dtype=torch.long), 2).tolist() == [0, 0, 0]

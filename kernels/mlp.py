@@ -141,6 +141,13 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr, a2_ptr,
             tl.store(dbias_ptr + pid_s.to(tl.int64) * stride_dbs + rm, dsum, mask=mask_m)
 
 
+def _check_dtypes(*tensors) -> None:
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) > 1:
+        raise TypeError(f"elu_mlp kernels need one dtype for inputs, weights and biases, got "
+                        f"{sorted(str(d) for d in dtypes)}")
+
+
 def _check_precision(precision: str, dtype: torch.dtype) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
@@ -208,6 +215,7 @@ def linear_elu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                precision: str = "ieee") -> torch.Tensor:
     """y = ELU(x · weightᵀ + bias) (ELU only if ``elu``): x (M, K), weight (N, K), bias (N,) → (M, N)."""
     _check_precision(precision, x.dtype)
+    _check_dtypes(x, weight, bias)
     x = x.contiguous()
     weight = weight.contiguous()
     M, K = x.shape
@@ -291,6 +299,7 @@ def linear_elu_cat(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
     """``linear_elu(torch.cat([x1, x2], 1), ...)``: x1 (M, K1), x2 (M, K2), weight (N, K1 + K2)
     → (M, N). The kernel reads x1 and x2 in place (one product, the K loop switches source)."""
     _check_precision(precision, x1.dtype)
+    _check_dtypes(x1, x2, weight, bias)
     x1, x2, weight = x1.contiguous(), x2.contiguous(), weight.contiguous()
     M, K1 = x1.shape
     K = K1 + x2.shape[1]

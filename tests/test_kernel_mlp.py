@@ -128,6 +128,8 @@ def test_bad_stacks_are_refused():
     with pytest.raises(ValueError):
         mlp.elu_mlp(torch.zeros(2, 3, dtype=torch.float64),
                     nn.Sequential(nn.Linear(3, 2)).double(), precision="tf32")
+    with pytest.raises(TypeError):  # float32 input, float64 weights
+        mlp.elu_mlp(torch.zeros(2, 3), nn.Sequential(nn.Linear(3, 2)).double())
 
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])

@@ -221,3 +221,11 @@ def test_concatenation_gradcheck_and_opcheck():
         lambda x1, x2, w, b: mlp.linear_elu_cat(x1, x2, w, b, True, "ieee"), (x1, x2, w, b))
     torch.library.opcheck(mlp.linear_elu_cat, (x1, x2, w, b, True, "ieee"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_dispatch_through_ops_and_package_export():
+    from aimnet_fast import kernels, ops
+    assert kernels.elu_mlp is mlp.elu_mlp
+    net = make_mlp([18, 17, 2], last_activation=False).double()
+    x = torch.randn(19, 18, dtype=torch.float64)
+    torch.testing.assert_close(ops.elu_mlp(x, net, backend="triton"), net(x), rtol=1e-12, atol=1e-12)

@@ -177,3 +177,8 @@ def test_build_neighbors_real_molecules(shared):
     mol_idx = torch.repeat_interleave(torch.arange(len(mols)),
                                       torch.tensor([len(m["numbers"]) for m in mols]))
     _same_neighbors(nb.build_neighbors(coord, mol_idx), build_neighbors(coord, mol_idx))
+
+
+def test_package_export():
+    from aimnet_fast import kernels
+    assert kernels.neighbor_pairs is nb.neighbor_pairs

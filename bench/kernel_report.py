@@ -103,6 +103,18 @@ def compile_spec(spec: dict, cc: int, tmp: Path) -> dict:
     return row
 
 
+def blocks_per_sm(r: dict) -> int | None:
+    """Resident blocks per SM from registers, shared memory and warps (an estimate)."""
+    if r.get("REG") is None:
+        return None
+    warps = r["num_warps"]
+    regs_per_warp = -(-r["REG"] * 32 // 256) * 256
+    by_regs = 65536 // (regs_per_warp * warps)
+    smem = (r.get("SHARED") or 0) + (r.get("dyn_shared") or 0) + 1024
+    by_smem = ({90: 228, 80: 164}[r["cc"]] * 1024) // smem
+    return min(by_regs, by_smem, 64 // warps, 32)
+
+
 def _fmt_constexprs(c: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in c.items())
 
@@ -153,21 +165,22 @@ def main(argv=None) -> int:
         "Triton uses for that arch (bundled `ptxas` for sm_80, `ptxas-blackwell` for sm_90; "
         "`-lineinfo --regAllocOptLevel=2`); regs marked * differ from the cubin's (should not happen)",
         "- dyn shared: the dynamic shared memory Triton reserves at launch (pipeline buffers)",
-        "- occupancy is not in the table: 65,536 registers per SM → at most "
-        "⌊65536 / (regs × 32 × warps)⌋ blocks per SM from registers",
+        "- blocks/SM: an estimate of resident blocks per SM, the least of the register limit "
+        "(65,536 per SM, allocated per warp in units of 256), the shared-memory limit (228 KiB on "
+        "sm_90, 164 KiB on sm_80, 1 KiB reserved per block) and 64 warps per SM (32 blocks at most)",
         "",
         f"Kernels that spill: {', '.join(sorted({r['name'] for r in spilled})) or 'none'}.",
         "",
         "| module | kernel | arch | warps | stages | regs | spill st | spill ld | stack | local | "
-        "static shared | dyn shared | constexprs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "static shared | dyn shared | blocks/SM | constexprs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mark = "" if r.get("ptxas_regs") == r["REG"] else "*"
         lines.append(f"| {r['module']} | {r['name']} | sm_{r['cc']} | {r['num_warps']} | "
                      f"{r['num_stages']} | {r['REG']}{mark} | {r['spill_st']} | {r['spill_ld']} | "
                      f"{r['STACK']} | {r['LOCAL']} | {r['SHARED']} | {r['dyn_shared']} | "
-                     f"{r['constexprs']} |")
+                     f"{blocks_per_sm(r)} | {r['constexprs']} |")
     if errors:
         lines += ["", "## Did not compile", ""] + [f"- {e}" for e in errors]
     Path(args.out).write_text("\n".join(lines) + "\n")

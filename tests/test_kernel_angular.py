@@ -209,3 +209,16 @@ def test_index_helpers():
     assert starts.tolist() == [0, 2, 3, 3, 6, 6]
     assert common.csr_starts(torch.tensor([0, 0, 2]), 4).tolist() == [0, 2, 2, 3, 3]
     assert common.csr_starts(torch.zeros(0, dtype=torch.long), 2).tolist() == [0, 0, 0]
+
+
+def test_torch_compile_traces_forward_and_backward():
+    coord, nb = _batch([6], seed=6, box_A=2.5)
+    pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (torch.compile(angular.angular_contract, backend="aot_eager", fullgraph=True),
+               aev.angular_contract):
+        c = coord.clone().requires_grad_()
+        e = fn(c, nb.triplets, pair_feat, nb.triplet_pair).square().sum()
+        results.append((e.detach(), *torch.autograd.grad(e, (c, pair_feat))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -168,3 +168,16 @@ def test_fake_tensor_registration():
     afv = torch.randn(5, 16, dtype=torch.float64)
     torch.library.opcheck(radial._radial_op, (coord.requires_grad_(), pairs, afv),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_traces_forward_and_backward():
+    coord, _, pairs = _batch([6], seed=6, box_A=3.0)
+    afv = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (torch.compile(radial.radial_contract, backend="aot_eager", fullgraph=True),
+               aev.radial_contract):
+        c = coord.clone().requires_grad_()
+        e = fn(c, pairs, afv).square().sum()
+        results.append((e.detach(), *torch.autograd.grad(e, (c, afv))))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -106,8 +106,10 @@ def radial_fwd_kernel(coord_ptr, nbr_ptr, start_ptr, afv_ptr, out_ptr, F,
 
 @triton.jit
 def radial_bwd_kernel(coord_ptr, nbr_ptr, start_ptr, afv_ptr, gout_ptr, gafv_ptr, gcoord_ptr, F,
-                      BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr):
-    """grad afv[i, :] and grad coord[i, :] for one atom i, from its own neighbor list.
+                      BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr, NEED_COORD: tl.constexpr,
+                      NEED_AFV: tl.constexpr):
+    """grad afv[i, :] and grad coord[i, :] for one atom i, from its own neighbor list (each only
+    when its NEED_ flag is set: training on energies needs no coordinate gradient).
 
     With c_ij[s] = grad_out[i, s]·afv[j] and c_ji[s] = grad_out[j, s]·afv[i], the pair's distance
     gets dL/dr_ij = Σ_s g'_s(r_ij)(c_ij[s] + c_ji[s]) from both directions, and atom i gets
@@ -126,31 +128,39 @@ def radial_bwd_kernel(coord_ptr, nbr_ptr, start_ptr, afv_ptr, gout_ptr, gafv_ptr
     for f0 in range(0, F, BLOCK_F):
         offs_f = f0 + tl.arange(0, BLOCK_F)
         mask_f = offs_f < F
-        a_i = tl.load(afv_ptr + i * F + offs_f, mask=mask_f, other=0.0)
-        go_i = tl.load(gout_ptr + i * (NS * F) + s[:, None] * F + offs_f[None, :],
-                       mask=mask_f[None, :], other=0.0)
+        if NEED_COORD:
+            a_i = tl.load(afv_ptr + i * F + offs_f, mask=mask_f, other=0.0)
+            go_i = tl.load(gout_ptr + i * (NS * F) + s[:, None] * F + offs_f[None, :],
+                           mask=mask_f[None, :], other=0.0)
         acc_a = tl.zeros((BLOCK_F,), dtype=gafv_ptr.dtype.element_ty)
         for p0 in range(p_lo, p_hi, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             mask_p = offs_p < p_hi
             j, dx, dy, dz, d = _pair_geometry(coord_ptr, nbr_ptr, offs_p, mask_p, xi, yi, zi)
-            g, dg = _radial_terms(d)
-            g = tl.where(mask_p[:, None], g, 0.0)
             mask_pf = mask_p[:, None] & mask_f[None, :]
-            a_j = tl.load(afv_ptr + j[:, None] * F + offs_f[None, :], mask=mask_pf, other=0.0)
             go_j = tl.load(gout_ptr + j[:, None, None] * (NS * F) + s[None, :, None] * F
                            + offs_f[None, None, :], mask=mask_pf[:, None, :], other=0.0)
-            acc_a += tl.sum(tl.sum(g[:, :, None] * go_j, axis=1), axis=0)
-            c = tl.sum(go_i[None, :, :] * a_j[:, None, :] + go_j * a_i[None, None, :], axis=2)
-            w = tl.sum(dg * c, axis=1)
-            w = tl.where(mask_p, w / d, 0.0)
-            gx -= w * dx
-            gy -= w * dy
-            gz -= w * dz
-        tl.store(gafv_ptr + i * F + offs_f, acc_a, mask=mask_f)
-    tl.store(gcoord_ptr + i * 3 + 0, tl.sum(gx, axis=0))
-    tl.store(gcoord_ptr + i * 3 + 1, tl.sum(gy, axis=0))
-    tl.store(gcoord_ptr + i * 3 + 2, tl.sum(gz, axis=0))
+            if NEED_COORD:
+                g, dg = _radial_terms(d)
+            else:
+                g = _radial_g(d)
+            if NEED_AFV:
+                g = tl.where(mask_p[:, None], g, 0.0)
+                acc_a += tl.sum(tl.sum(g[:, :, None] * go_j, axis=1), axis=0)
+            if NEED_COORD:
+                a_j = tl.load(afv_ptr + j[:, None] * F + offs_f[None, :], mask=mask_pf, other=0.0)
+                c = tl.sum(go_i[None, :, :] * a_j[:, None, :] + go_j * a_i[None, None, :], axis=2)
+                w = tl.sum(dg * c, axis=1)
+                w = tl.where(mask_p, w / d, 0.0)
+                gx -= w * dx
+                gy -= w * dy
+                gz -= w * dz
+        if NEED_AFV:
+            tl.store(gafv_ptr + i * F + offs_f, acc_a, mask=mask_f)
+    if NEED_COORD:
+        tl.store(gcoord_ptr + i * 3 + 0, tl.sum(gx, axis=0))
+        tl.store(gcoord_ptr + i * 3 + 1, tl.sum(gy, axis=0))
+        tl.store(gcoord_ptr + i * 3 + 2, tl.sum(gz, axis=0))
 
 
 # ---------------------------------------------------------------- launch functions (no policy)
@@ -170,15 +180,18 @@ def radial_forward(coord, nbr, starts, afv, block_p: int | None = None, block_f:
 
 
 def radial_backward(grad_out, coord, nbr, starts, afv, block_p: int | None = None,
-                    block_f: int = BLOCK_F):
-    """Launch the backward → (grad coord (N, 3), grad afv (N, F))."""
+                    block_f: int = BLOCK_F, need_coord: bool = True, need_afv: bool = True):
+    """Launch the backward → (grad coord (N, 3), grad afv (N, F)); a gradient not needed comes
+    back as an empty (0,) tensor."""
     n, f = coord.shape[0], afv.shape[1]
     block_p = block_p or (BLOCK_P_BWD_FP64 if afv.dtype == torch.float64 else BLOCK_P_BWD)
-    gcoord = common.empty(coord.shape, coord)
-    gafv = common.empty(afv.shape, afv)
-    if n:
-        radial_bwd_kernel[(n,)](coord, nbr, starts, afv, grad_out, gafv, gcoord, f,
-                                BLOCK_P=block_p, BLOCK_F=block_f)
+    gcoord = common.empty(coord.shape if need_coord else (0,), coord)
+    gafv = common.empty(afv.shape if need_afv else (0,), afv)
+    if n and (need_coord or need_afv):
+        radial_bwd_kernel[(n,)](coord, nbr, starts, afv, grad_out,
+                                gafv if need_afv else afv, gcoord if need_coord else coord, f,
+                                BLOCK_P=block_p, BLOCK_F=block_f, NEED_COORD=need_coord,
+                                NEED_AFV=need_afv)
     return gcoord, gafv
 
 
@@ -197,14 +210,17 @@ def _(coord, pairs, afv):
 
 @torch.library.custom_op("aimnet_fast::radial_contract_backward", mutates_args=())
 def _radial_bwd_op(grad_out: torch.Tensor, coord: torch.Tensor, pairs: torch.Tensor,
-                   afv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   afv: torch.Tensor, need_coord: bool, need_afv: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     starts = csr_starts(pairs[0], coord.shape[0])
-    return radial_backward(grad_out, coord, pairs[1].contiguous(), starts, afv)
+    return radial_backward(grad_out, coord, pairs[1].contiguous(), starts, afv,
+                           need_coord=need_coord, need_afv=need_afv)
 
 
 @_radial_bwd_op.register_fake
-def _(grad_out, coord, pairs, afv):
-    return torch.empty_like(coord), torch.empty_like(afv)
+def _(grad_out, coord, pairs, afv, need_coord, need_afv):
+    return (coord.new_empty(coord.shape if need_coord else (0,)),
+            afv.new_empty(afv.shape if need_afv else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -214,19 +230,23 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     coord, pairs, afv = ctx.saved_tensors
-    gcoord, gafv = _radial_bwd_op(grad_out.contiguous(), coord, pairs, afv)
-    return gcoord, None, gafv
+    need_coord, _, need_afv = ctx.needs_input_grad
+    gcoord, gafv = _radial_bwd_op(grad_out.contiguous(), coord, pairs, afv, need_coord, need_afv)
+    return gcoord if need_coord else None, None, gafv if need_afv else None
 
 
 def _setup_double(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:4])
+    ctx.need = inputs[4:]
 
 
 def _double_backward(ctx, g_gcoord, g_gafv):
     grad_out, coord, pairs, afv = ctx.saved_tensors
+    need_coord, need_afv = ctx.need
     g_go, g_coord, g_afv = reference_double_backward(
-        lambda c, x: aev.radial_contract(c, pairs, x), grad_out, coord, afv, g_gcoord, g_gafv)
-    return g_go, g_coord, None, g_afv
+        lambda c, x: aev.radial_contract(c, pairs, x), grad_out, coord, afv,
+        g_gcoord if need_coord else None, g_gafv if need_afv else None)
+    return g_go, g_coord, None, g_afv, None, None
 
 
 _radial_op.register_autograd(_backward, setup_context=_setup_context)
@@ -254,12 +274,17 @@ def _specs():
                                     "afv_ptr": f"*{fp}", "out_ptr": f"*{fp}", "F": "i32",
                                     "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"},
                       "constexprs": {"BLOCK_P": fwd, "BLOCK_F": BLOCK_F}})
-        specs.append({"name": f"radial_bwd_{fp}", "fn": radial_bwd_kernel,
-                      "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64", "start_ptr": "*i64",
-                                    "afv_ptr": f"*{fp}", "gout_ptr": f"*{fp}", "gafv_ptr": f"*{fp}",
-                                    "gcoord_ptr": f"*{fp}", "F": "i32",
-                                    "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": {"BLOCK_P": bwd, "BLOCK_F": BLOCK_F}})
+        # with forces (both gradients) and training on energies (no coordinate gradient)
+        for suffix, need_coord in (("", True), ("_energy_only", False)):
+            specs.append({"name": f"radial_bwd{suffix}_{fp}", "fn": radial_bwd_kernel,
+                          "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64",
+                                        "start_ptr": "*i64", "afv_ptr": f"*{fp}",
+                                        "gout_ptr": f"*{fp}", "gafv_ptr": f"*{fp}",
+                                        "gcoord_ptr": f"*{fp}", "F": "i32",
+                                        "BLOCK_P": "constexpr", "BLOCK_F": "constexpr",
+                                        "NEED_COORD": "constexpr", "NEED_AFV": "constexpr"},
+                          "constexprs": {"BLOCK_P": bwd, "BLOCK_F": BLOCK_F,
+                                         "NEED_COORD": need_coord, "NEED_AFV": True}})
     return specs
 
 

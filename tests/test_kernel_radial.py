@@ -181,3 +181,23 @@ def test_torch_compile_traces_forward_and_backward():
         results.append((e.detach(), *torch.autograd.grad(e, (c, afv))))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("need_coord,need_afv", [(True, False), (False, True)])
+def test_only_the_gradients_asked_for(need_coord, need_afv):
+    # training on energies needs no coordinate gradient: the kernel then skips that work
+    coord, _, pairs = _batch([10, 4], seed=8, box_A=[3.5, 4.0])
+    afv = torch.randn(coord.shape[0], 16, dtype=torch.float64)
+    c = coord.to(DEVICE).requires_grad_(need_coord)
+    a = afv.to(DEVICE).requires_grad_(need_afv)
+    out = radial.radial_contract(c, pairs.to(DEVICE), a)
+    grad_out = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, c if need_coord else a, grad_out)
+    _, rc, ra = _reference(coord, pairs, afv, grad_out.cpu())
+    want = rc if need_coord else ra
+    assert (got.cpu() - want).abs().max().item() <= 1e-12 * max(want.abs().max().item(), 1.0)
+    starts = common.csr_starts(pairs[0], coord.shape[0])
+    gcoord, gafv = radial.radial_backward(grad_out, c.detach(), pairs[1].to(DEVICE),
+                                          starts.to(DEVICE), a.detach(), need_coord=need_coord,
+                                          need_afv=need_afv)
+    assert (gcoord.numel() == 0) != need_coord and (gafv.numel() == 0) != need_afv

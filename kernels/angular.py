@@ -303,31 +303,36 @@ def angular_forward(coord, triplets, triplet_pair, starts, pair_feat, block_t: i
 
 
 def angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat,
-                     block_t: int | None = None, block_f: int = BLOCK_F):
-    """Launch the three backward kernels → (grad coord (N, 3), grad pair_feat (Q, F)).
+                     block_t: int | None = None, block_f: int = BLOCK_F, need_coord: bool = True,
+                     need_pair_feat: bool = True):
+    """Launch the backward kernels → (grad coord (N, 3), grad pair_feat (Q, F)); a gradient not
+    needed is skipped (training on energies needs no coordinate gradient) and comes back as an
+    empty (0,) tensor.
 
     Index preparation (stable sorts by pair, by j and by k; row starts) is done here with torch.
     """
     n, (nq, f), t = coord.shape[0], pair_feat.shape, triplets.shape[1]
     block_t = block_t or (BLOCK_T_BWD_FP64 if pair_feat.dtype == torch.float64 else BLOCK_T_BWD)
-    gcoord = common.empty(coord.shape, coord)
-    gpf = common.empty(pair_feat.shape, pair_feat)
+    gcoord = common.empty(coord.shape if need_coord else (0,), coord)
+    gpf = common.empty(pair_feat.shape if need_pair_feat else (0,), pair_feat)
     if n == 0:
         return gcoord, gpf
-    starts_i = csr_starts(triplets[0], n)
-    order_q, starts_q = group_by(triplet_pair, nq)
-    order_j, starts_j = group_by(triplets[1], n)
-    order_k, starts_k = group_by(triplets[2], n)
-    dv = common.empty((t, 6), coord)
-    gcentre = common.empty(coord.shape, coord)
-    angular_bwd_centre_kernel[(n,)](coord, triplets, triplet_pair, starts_i, pair_feat, grad_out,
-                                    dv, gcentre, t, f, BLOCK_T=block_t, BLOCK_F=block_f)
-    if nq and f:
+    if need_coord:
+        starts_i = csr_starts(triplets[0], n)
+        order_j, starts_j = group_by(triplets[1], n)
+        order_k, starts_k = group_by(triplets[2], n)
+        dv = common.empty((t, 6), coord)
+        gcentre = common.empty(coord.shape, coord)
+        angular_bwd_centre_kernel[(n,)](coord, triplets, triplet_pair, starts_i, pair_feat,
+                                        grad_out, dv, gcentre, t, f,
+                                        BLOCK_T=block_t, BLOCK_F=block_f)
+        angular_bwd_gather_kernel[(n,)](dv, gcentre, order_j, starts_j, order_k, starts_k, gcoord,
+                                        BLOCK_T=block_t)
+    if need_pair_feat and nq and f:
+        order_q, starts_q = group_by(triplet_pair, nq)
         angular_bwd_pair_kernel[(nq, triton.cdiv(f, block_f))](coord, triplets, order_q, starts_q,
                                                                grad_out, gpf, t, f,
                                                                BLOCK_T=block_t, BLOCK_F=block_f)
-    angular_bwd_gather_kernel[(n,)](dv, gcentre, order_j, starts_j, order_k, starts_k, gcoord,
-                                    BLOCK_T=block_t)
     return gcoord, gpf
 
 
@@ -347,14 +352,16 @@ def _(coord, triplets, pair_feat, triplet_pair):
 
 @torch.library.custom_op("aimnet_fast::angular_contract_backward", mutates_args=())
 def _angular_bwd_op(grad_out: torch.Tensor, coord: torch.Tensor, triplets: torch.Tensor,
-                    pair_feat: torch.Tensor, triplet_pair: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    return angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat)
+                    pair_feat: torch.Tensor, triplet_pair: torch.Tensor, need_coord: bool,
+                    need_pair_feat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat,
+                            need_coord=need_coord, need_pair_feat=need_pair_feat)
 
 
 @_angular_bwd_op.register_fake
-def _(grad_out, coord, triplets, pair_feat, triplet_pair):
-    return torch.empty_like(coord), torch.empty_like(pair_feat)
+def _(grad_out, coord, triplets, pair_feat, triplet_pair, need_coord, need_pair_feat):
+    return (coord.new_empty(coord.shape if need_coord else (0,)),
+            pair_feat.new_empty(pair_feat.shape if need_pair_feat else (0,)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -364,20 +371,24 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     coord, triplets, pair_feat, triplet_pair = ctx.saved_tensors
-    gcoord, gpf = _angular_bwd_op(grad_out.contiguous(), coord, triplets, pair_feat, triplet_pair)
-    return gcoord, None, gpf, None
+    need_coord, _, need_pf, _ = ctx.needs_input_grad
+    gcoord, gpf = _angular_bwd_op(grad_out.contiguous(), coord, triplets, pair_feat, triplet_pair,
+                                  need_coord, need_pf)
+    return gcoord if need_coord else None, None, gpf if need_pf else None, None
 
 
 def _setup_double(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:5])
+    ctx.need = inputs[5:]
 
 
 def _double_backward(ctx, g_gcoord, g_gpf):
     grad_out, coord, triplets, pair_feat, triplet_pair = ctx.saved_tensors
+    need_coord, need_pf = ctx.need
     g_go, g_coord, g_pf = reference_double_backward(
         lambda c, x: aev.angular_contract(c, triplets, x, triplet_pair),
-        grad_out, coord, pair_feat, g_gcoord, g_gpf)
-    return g_go, g_coord, None, g_pf, None
+        grad_out, coord, pair_feat, g_gcoord if need_coord else None, g_gpf if need_pf else None)
+    return g_go, g_coord, None, g_pf, None, None, None
 
 
 _angular_op.register_autograd(_backward, setup_context=_setup_context)

@@ -222,3 +222,22 @@ def test_torch_compile_traces_forward_and_backward():
         results.append((e.detach(), *torch.autograd.grad(e, (c, pair_feat))))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("need_coord,need_pf", [(True, False), (False, True)])
+def test_only_the_gradients_asked_for(need_coord, need_pf):
+    # training on energies needs no coordinate gradient: those kernels are then not launched
+    coord, nb = _batch([7, 4], seed=8, box_A=2.4)
+    pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64)
+    c = coord.to(DEVICE).requires_grad_(need_coord)
+    p = pair_feat.to(DEVICE).requires_grad_(need_pf)
+    trip, tp = nb.triplets.to(DEVICE), nb.triplet_pair.to(DEVICE)
+    out = angular.angular_contract(c, trip, p, tp)
+    grad_out = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, c if need_coord else p, grad_out)
+    _, rc, rp = _reference(coord, nb, pair_feat, grad_out.cpu())
+    want = rc if need_coord else rp
+    assert (got.cpu() - want).abs().max().item() <= 1e-12 * max(want.abs().max().item(), 1.0)
+    gcoord, gpf = angular.angular_backward(grad_out, c.detach(), trip, tp, p.detach(),
+                                           need_coord=need_coord, need_pair_feat=need_pf)
+    assert (gcoord.numel() == 0) != need_coord and (gpf.numel() == 0) != need_pf

@@ -121,6 +121,15 @@ def unwrap(model: nn.Module) -> AIMNet:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def place(model: AIMNet, device: torch.device, dtype: torch.dtype) -> AIMNet:
+    """Move the model to ``device`` and its weights to ``dtype``; the SAE stay float64 (a float32
+    SAE would put errors of ~1e-6 Ha × atoms into every energy)."""
+    sae = model.sae_Ha.detach().to(torch.float64).clone()
+    model.to(device=device, dtype=dtype)
+    model.sae_Ha = sae.to(device)
+    return model
+
+
 def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -359,7 +368,7 @@ class Trainer:
         from . import data as D
         self.D = D
         self.ds, self.train_idx, self.val_idx = load_data(cfg, self.dist, self.log)
-        self.model = build_model(cfg, self.log).to(self.dist.device, self.dtype)
+        self.model = place(build_model(cfg, self.log), self.dist.device, self.dtype)
         labels = set(self.ds.labels.keys())
         self.targets = active_targets(cfg.loss, self.model.heads.keys(), labels)
         if not self.targets:
@@ -462,7 +471,6 @@ class Trainer:
         ck = torch.load(self.ckpt_last, map_location="cpu", weights_only=False)
         tr = ck["training"]
         self.model.load_state_dict(ck["state_dict"])
-        self.model.to(self.dist.device, self.dtype)
         self.state.update(tr["state"])
         self.train_idx, self.val_idx = tr["train_idx"], tr["val_idx"]
         self.targets = tr["targets"]
@@ -607,7 +615,8 @@ class Trainer:
                 tb = self._tensorboard()
                 if tb:
                     tb.add_scalar("train/loss_step", res.loss, st["global_step"])
-            if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0 and st["step"] < n_steps:
+            if (cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0 and st["step"] < n_steps
+                    and st["consecutive_bad"] == 0):  # keep the last good checkpoint good
                 self.save()
         return True
 

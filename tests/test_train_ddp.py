@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from aimnet_fast.config import LossConfig, OptimConfig
 from aimnet_fast.model import AIMNet
-from aimnet_fast.train import Dist, make_optimizer, train_step
+from aimnet_fast.train import Dist, make_optimizer, place, train_step
 
 from test_train_common import make_batch, sample_conformers
 
@@ -37,8 +37,9 @@ def global_batch(confs, step, nan=False):
 
 def run_steps(dtype, rank, world, nan):
     torch.manual_seed(0)
-    model = AIMNet(backend="torch").to(dtype)
+    model = AIMNet(backend="torch")
     model.sae_Ha.copy_(torch.tensor([-0.6, -38.1, -54.7, -75.2, -398.2, -99.9, -460.2], dtype=torch.float64))
+    place(model, torch.device("cpu"), dtype)
     dist = Dist(rank=rank, world_size=world)
     ddp = model
     if world > 1:

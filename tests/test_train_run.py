@@ -1,0 +1,155 @@
+"""Whole runs on small data: the run folder, the T=1 → T=3 switch, fine-tuning a released model
+with a frozen backbone, NaN steps stopping a run, and two gloo ranks under torchrun."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aimnet_fast import config as C
+from aimnet_fast import train as T
+from aimnet_fast.checkpoint import convert_released, load_model, save_model
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["data.max_conformers=40", "data.mols_per_batch=4", "max_steps_per_epoch=5", "num_threads=1",
+         "log_every=5", "tensorboard=false", "device=cpu"]
+
+
+def cfg_for(tmp_path, *extra):
+    return C.load_config(None, SMALL + [f"run_dir={tmp_path / 'run'}", *extra])
+
+
+def predict(model, batch, n_pass):
+    with torch.no_grad():
+        return model(batch["numbers"], batch["coord"].to(model.afv_table.dtype), batch["mol_idx"],
+                     int(batch["n_atoms"].numel()), n_pass=n_pass)
+
+
+def test_default_config_file_is_the_defaults():
+    assert C.load_config(REPO / "aimnet_fast" / "configs" / "default.yaml") == C.TrainConfig()
+    for p in (REPO / "aimnet_fast" / "configs").glob("*.yaml"):
+        C.load_config(p)  # every example parses
+
+
+def test_run_folder_and_falling_validation_loss(tmp_path, capsys):
+    cfg = cfg_for(tmp_path, "curriculum.0.epochs=3", "curriculum.1.epochs=1", "plot=true")
+    T.run(cfg)
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    assert C.load_config(run / "config.yaml") == cfg
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert [int(r["n_pass"]) for r in rows] == [1, 1, 1, 3]
+    assert float(rows[2]["val_loss"]) < float(rows[0]["val_loss"])
+    assert rows[3]["val_energy_mae_p3"] and not rows[0]["val_energy_mae_p3"]
+    assert "val energy MAE/RMSE (kcal/mol) p1" in out and "mol/s" in out and "AMSGrad (fused" in out
+    pytest.importorskip("matplotlib")
+    assert (run / "learning_curve.png").stat().st_size > 1000
+    # Checkpoints load as models and carry the fitted SAE.
+    from aimnet_fast import data as D
+    ds, train_idx, _ = T.load_data(cfg, T.Dist(), print)
+    sae = D.fit_sae(ds, indices=train_idx)
+    for name in ("last.pt", "best.pt"):
+        m = load_model(run / name)
+        assert m.n_pass == 3
+        np.testing.assert_allclose(m.sae_Ha.numpy(), sae, rtol=0, atol=1e-12)
+
+
+def test_phase_switch_keeps_predictions(tmp_path):
+    """After T=1 training the switch (last update_mlp layer zeroed, T=3) changes no prediction."""
+    cfg = cfg_for(tmp_path, "curriculum.0.epochs=1", "curriculum.1.epochs=0", "plot=false")
+    trainer = T.Trainer(cfg)
+    trainer.fit()  # phase 1 trains one epoch; phase 2 starts (the switch) and trains 0 epochs
+    before = load_model(tmp_path / "run" / "last.pt")  # written at the end of phase 1
+    assert before.n_pass == 1
+    after = trainer.model
+    assert after.n_pass == 3 and not after.update_mlp[-1].weight.any()
+    batch = trainer.collate(trainer.val_idx[:6])
+    p1, p3 = predict(before, batch, 1), predict(after, batch, 3)
+    for key in ("energy", "charges", "volumes"):
+        for t in range(3):
+            torch.testing.assert_close(p3["passes"][key][t], p1[key], rtol=1e-6, atol=1e-6)
+
+
+def test_zero_update_exact_in_float64():
+    from aimnet_fast.model import AIMNet
+    from test_train_common import make_batch, sample_conformers
+    torch.manual_seed(0)
+    m = AIMNet(backend="torch").double()
+    batch = make_batch(sample_conformers()[:4])
+    p1 = predict(m, batch, 1)
+    T.zero_last_update_layer(m)
+    p3 = predict(m, batch, 3)
+    for key in ("energy", "charges", "volumes"):
+        torch.testing.assert_close(p3["passes"][key], p1[key].expand_as(p3["passes"][key]),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_finetune_new_energy_head_on_frozen_released_backbone(tmp_path, shared):
+    pre = shared / "aimnet_pretrained"
+    released = convert_released(pre / "aimnet_cv0.pt", pre / "aimnet_mt_cv0.pt")
+    ck = tmp_path / "released.pt"
+    save_model(released, ck)
+    cfg = cfg_for(tmp_path, f"model.init_from={ck}", "model.trainable=['heads.energy.*']",
+                  "model.reinit=['heads.energy.*']", "curriculum=[{n_pass: 3, epochs: 1}]", "plot=false")
+    trainer = T.Trainer(cfg)
+    trainer.fit()
+    tuned = trainer.model
+    ref = released.state_dict()
+    changed = []
+    for k, v in tuned.state_dict().items():
+        if k == "sae_Ha":
+            continue
+        if k.startswith("heads.energy."):
+            changed.append(not torch.equal(v, ref[k]))
+        else:
+            assert torch.equal(v, ref[k]), f"{k} should be frozen"
+    assert all(changed)
+    assert not any(p.requires_grad for n, p in tuned.named_parameters() if not n.startswith("heads.energy."))
+
+
+def test_repeated_nan_steps_stop_the_run_and_keep_the_checkpoint(tmp_path, monkeypatch, capsys):
+    calls = {"n": 0}
+    real = T.loss_fn
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(T, "loss_fn", flaky)
+    cfg = cfg_for(tmp_path, "checkpoint_every=1", "max_bad_steps=2", "curriculum.0.epochs=1",
+                  "plot=false")
+    trainer = T.Trainer(cfg)
+    with pytest.raises(T.TrainingError, match="2 consecutive steps had a NaN/inf loss"):
+        trainer.fit()
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert ck["training"]["state"]["step"] == 3
+    for k, v in trainer.model.state_dict().items():
+        assert torch.isfinite(v.double()).all()
+        assert torch.equal(ck["state_dict"][k], v), k  # the skipped steps did not touch the weights
+    assert "non-finite loss or gradient" in capsys.readouterr().out
+    # The command line says so and exits with 1.
+    calls["n"] = 0
+    code = T.main(SMALL + [f"run_dir={tmp_path / 'cli'}", "max_bad_steps=2", "plot=false"])
+    assert code == 1 and "max_bad_steps=2" in capsys.readouterr().err
+
+
+def test_torchrun_two_gloo_ranks(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "aimnet_fast.train", *SMALL, "curriculum.0.epochs=1", "curriculum.1.epochs=1",
+           f"run_dir={tmp_path / 'run'}", "plot=false"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "2 process(es), backend gloo" in p.stdout
+    assert "batch 4 molecules per rank × 2 = 8" in p.stdout
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert len(rows) == 2 and all(np.isfinite(float(r["val_loss"])) for r in rows)
+    load_model(tmp_path / "run" / "last.pt")

@@ -18,8 +18,8 @@ Both read grad_y and y in place (grad_yᵀ is a strided view), so a layer's back
 reads columns < K1 from x1 and the rest from x2; the backward writes grad_W's two column blocks in
 place and reads the weight's two column blocks in place.
 
-Not supported: gradients of gradients (create_graph=True then backward again, e.g. a force loss):
-the backward ops have no autograd formula and torch raises a RuntimeError naming them.
+Gradients of gradients (create_graph=True then backward again, e.g. a force loss) work: the
+backward ops have an autograd formula in PyTorch ops (``_double_backward``), off the hot path.
 
 Precision (``precision``): "ieee" (full float32 products), "tf32" (tensor-core TF32 inputs) or
 "bf16" (inputs rounded to bfloat16); the accumulator is always float32 (float64 for float64
@@ -292,6 +292,49 @@ def _backward(ctx, grad):
 linear_elu.register_autograd(_backward, setup_context=_setup_context)
 
 
+# -- gradients of the backward (double backward, e.g. a force loss) -------------------------------
+def _double_backward(grad, out, x, weight, elu, gg_x, gg_w, gg_b):
+    """Gradients of (grad_x, grad_W, grad_b) = backward(grad, out, x, W) with respect to grad, out,
+    x and W, given their upstream gradients gg_x (M, K) or None, gg_w (N, K), gg_b (N,).
+
+    In PyTorch ops (differentiable again), not kernels: second order is off the hot path.
+    With pre = grad ⊙ ELU′(out) and ELU′(out) = 1 (out > 0) or out + 1:
+      G = gg_x · Wᵀ + x · gg_wᵀ + gg_b         (M, N), the gradient of pre
+      d grad = G ⊙ ELU′(out),   d out = G ⊙ grad ⊙ [out ≤ 0],
+      d x = pre · gg_w,         d W = preᵀ · gg_x.
+    """
+    d = torch.where(out > 0, torch.ones_like(out), out + 1.0) if elu else None
+    pre = grad * d if elu else grad
+    g = x.new_zeros(out.shape)
+    if gg_w is not None:
+        g = g + x @ gg_w.T
+    if gg_b is not None:
+        g = g + gg_b
+    if gg_x is not None:
+        g = g + gg_x @ weight.T
+    d_grad = g * d if elu else g
+    d_out = g * grad * (out <= 0).to(out.dtype) if elu else None
+    d_x = pre @ gg_w if gg_w is not None else None
+    d_w = pre.T @ gg_x if gg_x is not None else None
+    return d_grad, d_out, d_x, d_w
+
+
+def _setup_context_bwd(ctx, inputs, output):
+    grad, out, x, weight, elu, need_input_grad, precision = inputs
+    ctx.save_for_backward(grad, out, x, weight)
+    ctx.elu = elu
+
+
+def _backward_bwd(ctx, gg_x, gg_w, gg_b):
+    grad, out, x, weight = ctx.saved_tensors
+    gg_x = gg_x if gg_x is not None and gg_x.numel() == x.numel() and x.numel() else None
+    d_grad, d_out, d_x, d_w = _double_backward(grad, out, x, weight, ctx.elu, gg_x, gg_w, gg_b)
+    return d_grad, d_out, d_x, d_w, None, None, None
+
+
+linear_elu_backward.register_autograd(_backward_bwd, setup_context=_setup_context_bwd)
+
+
 # -- a layer on a concatenation [x1 ‖ x2], never materialized ----------------------------------------
 @torch.library.custom_op("aimnet_fast::linear_elu_cat", mutates_args=())
 def linear_elu_cat(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
@@ -381,6 +424,29 @@ def _backward_cat(ctx, grad):
 
 
 linear_elu_cat.register_autograd(_backward_cat, setup_context=_setup_context_cat)
+
+
+def _setup_context_cat_bwd(ctx, inputs, output):
+    grad, out, x1, x2, weight, elu, need_input_grad, precision = inputs
+    ctx.save_for_backward(grad, out, x1, x2, weight)
+    ctx.elu = elu
+
+
+def _backward_cat_bwd(ctx, gg_x1, gg_x2, gg_w, gg_b):
+    grad, out, x1, x2, weight = ctx.saved_tensors
+    k1 = x1.shape[1]
+    x = torch.cat([x1, x2], 1)
+    gg_x = None
+    if (gg_x1 is not None and gg_x1.numel()) or (gg_x2 is not None and gg_x2.numel()):
+        z1 = gg_x1 if gg_x1 is not None and gg_x1.numel() else torch.zeros_like(x1)
+        z2 = gg_x2 if gg_x2 is not None and gg_x2.numel() else torch.zeros_like(x2)
+        gg_x = torch.cat([z1, z2], 1)
+    d_grad, d_out, d_x, d_w = _double_backward(grad, out, x, weight, ctx.elu, gg_x, gg_w, gg_b)
+    d_x1, d_x2 = (d_x[:, :k1], d_x[:, k1:]) if d_x is not None else (None, None)
+    return d_grad, d_out, d_x1, d_x2, d_w, None, None, None
+
+
+linear_elu_cat_backward.register_autograd(_backward_cat_bwd, setup_context=_setup_context_cat_bwd)
 
 
 # -- the stack ------------------------------------------------------------------------------------

@@ -229,3 +229,30 @@ def test_dispatch_through_ops_and_package_export():
     net = make_mlp([18, 17, 2], last_activation=False).double()
     x = torch.randn(19, 18, dtype=torch.float64)
     torch.testing.assert_close(ops.elu_mlp(x, net, backend="triton"), net(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("last_act", [True, False])
+def test_double_backward_like_a_force_loss(last_act):
+    """d/dθ of a loss on dE/dx (a force loss) through the kernels equals nn.Sequential's."""
+    g = torch.Generator().manual_seed(20)
+    net = make_mlp([7, 18, 3], last_activation=last_act).double()
+    x = torch.randn(19, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(19, 7, generator=g, dtype=torch.float64)
+    res = []
+    for f in (lambda t: mlp.elu_mlp(t, net), net):
+        gx, = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+        res.append(torch.autograd.grad((gx * v).sum(), [x] + list(net.parameters())))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_gradgradcheck_tiny():
+    g = torch.Generator().manual_seed(21)
+    x1 = torch.randn(2, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    x2 = torch.randn(2, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: mlp.linear_elu(x, w, b, True, "ieee"), (torch.cat([x1, x2], 1), w, b))
+    assert torch.autograd.gradgradcheck(
+        lambda x1, x2, w, b: mlp.linear_elu_cat(x1, x2, w, b, True, "ieee"), (x1, x2, w, b))

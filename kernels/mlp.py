@@ -13,6 +13,9 @@ products that follow, never written to memory:
   grad_x = grad_pre · W                            A = grad_y (M, N),   B = W (N, K)
   grad_W = grad_preᵀ · x,  grad_b = Σ_rows grad_pre A = grad_yᵀ (N, M), B = x (M, K)
 Both read grad_y and y in place (grad_yᵀ is a strided view), so a layer's backward is two launches.
+The weight gradient has few output tiles and a long reduction over rows: on CUDA it is split over
+the rows into enough programs for two per SM, and the partial products are summed afterwards
+(deterministic; ``WEIGHT_GRAD_SPLIT_K`` overrides the choice).
 
 ``linear_elu_cat`` / ``elu_mlp_cat`` take [x1 ‖ x2] (e.g. [e ‖ a]) without building it: the K loop
 reads columns < K1 from x1 and the rest from x2; the backward writes grad_W's two column blocks in

@@ -3,9 +3,9 @@ reference path (aimnet_fast.aev) on the same GPU, forward and forward + backward
 CUDA.
 
 Batch: all 528 COMP6 S66x8 conformers (6–34 atoms), about one training batch's worth of atoms,
-F = 16 features. Run: ``pytest bench/test_bench_aev_gpu.py`` on a machine with a GPU; the figures go to
-extra_info and are printed at the end. No figure here has been measured yet: the session that wrote
-this had no GPU.
+F = 16 features. Run: ``pytest bench/test_bench_aev_gpu.py -s`` on a machine with a GPU; the
+figures go to extra_info and are printed at the end. No figure here has been measured yet: the
+session that wrote this had no GPU.
 """
 import pytest
 import torch

@@ -21,11 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
+from aimnet_fast import aev
 from aimnet_fast.constants import N_RADIAL, RADIAL_CUTOFF_A, RADIAL_ETA_PER_A2, RADIAL_SHIFTS_A
 
 from . import _aev_common as common
-from aimnet_fast import aev
-
 from ._aev_common import (check_inputs, cosine_cutoff, cosine_cutoff_grad, csr_starts,
                           reference_double_backward)
 

@@ -9,6 +9,7 @@ Keep the tensor on the left of a constexpr in products: Triton's interpreter fai
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import triton
@@ -74,6 +75,8 @@ def reference_double_backward(reference, grad_out, coord, feat, g_gcoord, g_gfea
     g_gcoord, g_gfeat the gradients arriving at its two results (either may be None).
     Returns the gradients wrt (grad_out, coord, feat).
     """
+    warnings.warn("aimnet_fast: the double backward of the AEV contractions (training on forces) "
+                  "runs through the PyTorch reference, not the Triton kernels", stacklevel=2)
     go, c, x = (t.detach().requires_grad_() for t in (grad_out, coord, feat))
     wanted = [(r, w) for r, w in zip((0, 1), (g_gcoord, g_gfeat)) if w is not None]
     if not wanted:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
+import hashlib
 import math
 import os
 import random
@@ -338,6 +339,13 @@ def load_data(cfg: C.TrainConfig, dist: Dist, log: Callable[[str], None]):
     return ds, train_idx, val_idx
 
 
+def split_digest(train_idx: np.ndarray, val_idx: np.ndarray) -> str:
+    """A fingerprint of the split, kept in checkpoints (the indices follow from data and config)."""
+    h = hashlib.sha256(np.ascontiguousarray(train_idx, np.int64).tobytes())
+    h.update(b"|" + np.ascontiguousarray(val_idx, np.int64).tobytes())
+    return h.hexdigest()
+
+
 def val_batches(val_idx: np.ndarray, dist: Dist, mols: int):
     """This rank's share of the validation set, in batches of ``mols`` conformers (no padding,
     so every conformer is counted once over all ranks)."""
@@ -451,7 +459,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "train_idx": self.train_idx, "val_idx": self.val_idx, "targets": self.targets,
+            "split": split_digest(self.train_idx, self.val_idx), "targets": self.targets,
         }
         return checkpoint_dict(self.model, training=training)
 
@@ -472,12 +480,11 @@ class Trainer:
         tr = ck["training"]
         self.model.load_state_dict(ck["state_dict"])
         self.state.update(tr["state"])
-        self.train_idx, self.val_idx = tr["train_idx"], tr["val_idx"]
-        self.targets = tr["targets"]
-        self.train_sampler = self.D.BatchSampler(
-            self.ds, self.train_idx, mols_per_batch=self.cfg.data.mols_per_batch,
-            atoms_per_batch=self.cfg.data.atoms_per_batch, shuffle=True, seed=self.cfg.seed,
-            rank=self.dist.rank, world_size=self.dist.world_size)
+        if tr["split"] != split_digest(self.train_idx, self.val_idx):
+            raise TrainingError(f"resume: the train/validation split of {self.ckpt_last} differs from "
+                                f"the one the data and config give now; did the data change?")
+        if tr["targets"] != self.targets:
+            raise TrainingError(f"resume: targets were {tr['targets']}, now {self.targets}")
         if self.state["phase_started"]:
             self._new_phase(self.state["phase"])
             self.optimizer.load_state_dict(tr["optimizer"])

@@ -1,0 +1,101 @@
+"""Speed of one training step (forward, loss, backward, DDP gradient all-reduce, AMSGrad step),
+in molecules/s of the global batch, for 1, 2 and 4 gloo ranks on the CPU and T = 1 and 3 passes.
+
+    pytest bench/test_bench_train.py --benchmark-only -s
+
+The benchmark's own process is rank 0; ranks 1.. are spawned and take the same steps in lockstep
+(every step starts with a broadcast from rank 0). Each rank holds a fixed batch of
+BENCH_TRAIN_MOLS (default 16) molecules of the embedded default data set (GFN2-xTB, 3–20 atoms),
+so the global batch grows with the ranks. Threads per rank: max(1, cores // ranks); with more
+ranks than cores the ranks share cores, which this measures honestly rather than hides.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+
+MOLS = int(os.environ.get("BENCH_TRAIN_MOLS", 16))
+CORES = os.cpu_count() or 1
+
+
+def setup(rank: int, world: int, n_pass: int):
+    from aimnet_fast import data as D
+    from aimnet_fast.config import LossConfig, OptimConfig
+    from aimnet_fast.model import AIMNet
+    from aimnet_fast.train import Dist, make_optimizer, place
+    torch.set_num_threads(max(1, CORES // world))
+    ds = D.load_dataset(D.default_sources())
+    sampler = D.BatchSampler(ds, None, mols_per_batch=MOLS, seed=0, rank=rank, world_size=world)
+    batch = D.collate(ds, next(iter(sampler)))
+    torch.manual_seed(0)
+    model = place(AIMNet(backend="torch"), torch.device("cpu"), torch.float32)
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=n_pass == 1)
+    opt, desc = make_optimizer(model.parameters(), OptimConfig(), torch.device("cpu"))
+    return ddp, opt, batch, Dist(rank=rank, world_size=world), desc
+
+
+def step_fn(n_pass, ddp, opt, batch, dist):
+    from aimnet_fast.config import LossConfig
+    from aimnet_fast.train import train_step
+    return train_step(ddp, opt, batch, LossConfig(), ["energy", "charges"], n_pass, dist)
+
+
+def worker(rank, world, store, n_pass):
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank + 1, world_size=world)
+    ddp, opt, batch, dist, _ = setup(rank + 1, world, n_pass)
+    go = torch.zeros(1)
+    while True:
+        tdist.broadcast(go, src=0)
+        if go.item() == 0:
+            break
+        step_fn(n_pass, ddp, opt, batch, dist)
+    tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n_pass", [1, 3])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_bench_train_step(benchmark, world, n_pass):
+    procs, store = [], None
+    if world > 1:
+        store = os.path.join(tempfile.mkdtemp(prefix="bench_train_"), "store")
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=worker, args=(r, world, store, n_pass)) for r in range(world - 1)]
+        for p in procs:
+            p.start()
+        tdist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=world)
+    threads = torch.get_num_threads()
+    try:
+        ddp, opt, batch, dist, desc = setup(0, world, n_pass)
+        go = torch.ones(1)
+        n_mol = {}
+
+        def step():
+            if world > 1:
+                tdist.broadcast(go, src=0)
+            res = step_fn(n_pass, ddp, opt, batch, dist)
+            n_mol["global"] = res.n_mol
+            return res
+
+        benchmark.pedantic(step, rounds=5 if n_pass == 1 else 3, iterations=1, warmup_rounds=1)
+    finally:
+        if world > 1:
+            tdist.broadcast(torch.zeros(1), src=0)
+            for p in procs:
+                p.join(timeout=60)
+            tdist.destroy_process_group()
+        torch.set_num_threads(threads)
+    mean = benchmark.stats.stats.mean
+    rate = n_mol["global"] / mean
+    benchmark.extra_info.update(ranks=world, n_pass=n_pass, global_molecules=n_mol["global"],
+                                threads_per_rank=max(1, CORES // world), optimizer=desc,
+                                molecules_per_s=round(rate, 1))
+    print(f"\n{world} rank(s), T={n_pass}: {n_mol['global']} molecules per step, {mean:.3f} s/step, "
+          f"{rate:.1f} molecules/s ({desc})")
+    assert all(p.exitcode == 0 for p in procs)

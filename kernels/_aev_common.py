@@ -30,6 +30,12 @@ def cosine_cutoff_grad(d, RC: tl.constexpr):
     return tl.where(d / RC <= 1.0, tl.sin((d / RC) * PI) * (-0.5 * PI / RC), 0.0)
 
 
+@triton.jit
+def cosine_cutoff_grad2(d, RC: tl.constexpr):
+    """d²fc/dd² in Å⁻²; zero beyond the cutoff."""
+    return tl.where(d / RC <= 1.0, tl.cos((d / RC) * PI) * (-0.5 * (PI / RC) * (PI / RC)), 0.0)
+
+
 def empty(shape, like: torch.Tensor) -> torch.Tensor:
     """Every output and scratch buffer of the launch functions comes from here, uninitialised, so
     that tests can swap in a poisoned allocator and catch any element a kernel fails to write."""

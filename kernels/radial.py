@@ -9,8 +9,8 @@ registers and never written to memory.
   symmetric in (i, j) and the list holds both directions, so grad afv[j] = Σ_i Σ_s g_r(r_ij)[s]·
   grad_out[i, s] is a gather over j's own list, and each atom collects the coordinate gradient of
   both directions of its pairs itself: no atomics, deterministic.
-- double backward (force training): not in Triton; it runs through the PyTorch reference
-  (``_aev_common.reference_double_backward``): correct, at the reference's cost for that step.
+- double backward (force training): one more kernel per atom over its own list, same pattern
+  (``radial_bwd2_kernel``); no third derivative.
 
 Shapes: coord (N, 3) Å; pairs (2, P) int64 ordered (i, j), sorted by i, both directions present;
 afv (N, F) → (N, 16, F), in the dtype of afv (float32 or float64, same as coord).
@@ -21,12 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from aimnet_fast import aev
 from aimnet_fast.constants import N_RADIAL, RADIAL_CUTOFF_A, RADIAL_ETA_PER_A2, RADIAL_SHIFTS_A
 
 from . import _aev_common as common
-from ._aev_common import (check_inputs, cosine_cutoff, cosine_cutoff_grad, csr_starts,
-                          reference_double_backward)
+from ._aev_common import (check_inputs, cosine_cutoff, cosine_cutoff_grad, cosine_cutoff_grad2,
+                          csr_starts)
 
 # The kernels rebuild the shells as R0 + DR·s; make sure that is the model's table.
 _R0, _DR = 0.5, 0.25625
@@ -45,6 +44,8 @@ BLOCK_F = 16   # features per program (the model has F = 16)
 BLOCK_P_BWD = 8
 # float64 takes two registers per value: its backward needs shorter steps not to spill.
 BLOCK_P_FP64, BLOCK_P_BWD_FP64 = 16, 4
+# The double backward holds twice the backward's tiles.
+BLOCK_P_BWD2, BLOCK_P_BWD2_FP64 = 4, 2
 
 
 @triton.jit
@@ -64,6 +65,20 @@ def _radial_terms(d):
     fc = cosine_cutoff(d, RC)
     dfc = cosine_cutoff_grad(d, RC)
     return gauss * fc[:, None], gauss * (dfc[:, None] - x * fc[:, None] * (2.0 * ETA))
+
+
+@triton.jit
+def _radial_terms2(d):
+    """g, dg/dd and d²g/dd² (P, 16 each) for distances d (P,) in Å."""
+    shift = tl.arange(0, NS).to(d.dtype) * DR + R0
+    x = d[:, None] - shift[None, :]
+    gauss = tl.exp((x * x) * (-ETA))
+    dgauss = gauss * x * (-2.0 * ETA)
+    d2gauss = gauss * (x * x * (4.0 * ETA * ETA) - 2.0 * ETA)
+    fc = cosine_cutoff(d, RC)[:, None]
+    dfc = cosine_cutoff_grad(d, RC)[:, None]
+    d2fc = cosine_cutoff_grad2(d, RC)[:, None]
+    return gauss * fc, dgauss * fc + gauss * dfc, d2gauss * fc + 2.0 * dgauss * dfc + gauss * d2fc
 
 
 @triton.jit
@@ -162,6 +177,86 @@ def radial_bwd_kernel(coord_ptr, nbr_ptr, start_ptr, afv_ptr, gout_ptr, gafv_ptr
         tl.store(gcoord_ptr + i * 3 + 2, tl.sum(gz, axis=0))
 
 
+@triton.jit
+def radial_bwd2_kernel(coord_ptr, nbr_ptr, start_ptr, afv_ptr, gout_ptr, u_ptr, v_ptr,
+                       ggout_ptr, gafv_ptr, gcoord_ptr, F,
+                       BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Double backward for one atom i, from its own neighbor list: the gradients wrt grad_out[i],
+    afv[i] and coord[i] of S = <u, grad afv> + <v, grad coord> (u (N, F) and v (N, 3) arrive at
+    the first backward's results; grad_out is what the first backward received).
+
+    Per pair, with r = |r_j − r_i|, û = (r_j − r_i)/r, μ = (v_j − v_i)·û, c_ij[s] =
+    grad_out[i, s]·afv[j], e_ij[s] = grad_out[i, s]·u[j]:
+      <v, grad coord> = Σ_{pairs} μ Σ_s g'_s (c_ij + c_ji),  <u, grad afv> = Σ_{i,j} Σ_s g_s e_ij.
+    """
+    i = tl.program_id(0).to(tl.int64)
+    xi = tl.load(coord_ptr + i * 3 + 0)
+    yi = tl.load(coord_ptr + i * 3 + 1)
+    zi = tl.load(coord_ptr + i * 3 + 2)
+    vxi = tl.load(v_ptr + i * 3 + 0)
+    vyi = tl.load(v_ptr + i * 3 + 1)
+    vzi = tl.load(v_ptr + i * 3 + 2)
+    p_lo = tl.load(start_ptr + i)
+    p_hi = tl.load(start_ptr + i + 1)
+    s = tl.arange(0, NS)
+    gx = tl.zeros((BLOCK_P,), dtype=gcoord_ptr.dtype.element_ty)
+    gy = tl.zeros((BLOCK_P,), dtype=gcoord_ptr.dtype.element_ty)
+    gz = tl.zeros((BLOCK_P,), dtype=gcoord_ptr.dtype.element_ty)
+    for f0 in range(0, F, BLOCK_F):
+        offs_f = f0 + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < F
+        a_i = tl.load(afv_ptr + i * F + offs_f, mask=mask_f, other=0.0)
+        u_i = tl.load(u_ptr + i * F + offs_f, mask=mask_f, other=0.0)
+        go_i = tl.load(gout_ptr + i * (NS * F) + s[:, None] * F + offs_f[None, :],
+                       mask=mask_f[None, :], other=0.0)
+        acc_go = tl.zeros((NS, BLOCK_F), dtype=ggout_ptr.dtype.element_ty)
+        acc_a = tl.zeros((BLOCK_F,), dtype=gafv_ptr.dtype.element_ty)
+        for p0 in range(p_lo, p_hi, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            mask_p = offs_p < p_hi
+            j, dx, dy, dz, d = _pair_geometry(coord_ptr, nbr_ptr, offs_p, mask_p, xi, yi, zi)
+            g, dg, d2g = _radial_terms2(d)
+            g = tl.where(mask_p[:, None], g, 0.0)
+            dg = tl.where(mask_p[:, None], dg, 0.0)
+            d2g = tl.where(mask_p[:, None], d2g, 0.0)
+            ux = dx / d
+            uy = dy / d
+            uz = dz / d
+            mu = (tl.load(v_ptr + j * 3 + 0, mask=mask_p, other=0.0) - vxi) * ux \
+                + (tl.load(v_ptr + j * 3 + 1, mask=mask_p, other=0.0) - vyi) * uy \
+                + (tl.load(v_ptr + j * 3 + 2, mask=mask_p, other=0.0) - vzi) * uz
+            mu = tl.where(mask_p, mu, 0.0)
+            mask_pf = mask_p[:, None] & mask_f[None, :]
+            a_j = tl.load(afv_ptr + j[:, None] * F + offs_f[None, :], mask=mask_pf, other=0.0)
+            u_j = tl.load(u_ptr + j[:, None] * F + offs_f[None, :], mask=mask_pf, other=0.0)
+            go_j = tl.load(gout_ptr + j[:, None, None] * (NS * F) + s[None, :, None] * F
+                           + offs_f[None, None, :], mask=mask_pf[:, None, :], other=0.0)
+            mdg = dg * mu[:, None]
+            acc_go += tl.sum(g[:, :, None] * u_j[:, None, :] + mdg[:, :, None] * a_j[:, None, :],
+                             axis=0)
+            acc_a += tl.sum(tl.sum(mdg[:, :, None] * go_j, axis=1), axis=0)
+            c = tl.sum(go_i[None, :, :] * a_j[:, None, :] + go_j * a_i[None, None, :], axis=2)
+            e = tl.sum(go_i[None, :, :] * u_j[:, None, :] + go_j * u_i[None, None, :], axis=2)
+            w_u = tl.sum(dg * e, axis=1)        # d<u, grad afv>/dr
+            w = tl.sum(dg * c, axis=1)          # d(first-order energy)/dr
+            w2 = tl.sum(d2g * c, axis=1)
+            # −d/dr_ij of (w_u·1 + μ w): radial parts along û, and μ's own dependence on û
+            radial = w_u + mu * w2 - mu * w / d
+            tangential = w / d
+            gx -= radial * ux + tangential * (tl.load(v_ptr + j * 3 + 0, mask=mask_p, other=0.0)
+                                              - vxi)
+            gy -= radial * uy + tangential * (tl.load(v_ptr + j * 3 + 1, mask=mask_p, other=0.0)
+                                              - vyi)
+            gz -= radial * uz + tangential * (tl.load(v_ptr + j * 3 + 2, mask=mask_p, other=0.0)
+                                              - vzi)
+        tl.store(ggout_ptr + i * (NS * F) + s[:, None] * F + offs_f[None, :], acc_go,
+                 mask=mask_f[None, :])
+        tl.store(gafv_ptr + i * F + offs_f, acc_a, mask=mask_f)
+    tl.store(gcoord_ptr + i * 3 + 0, tl.sum(gx, axis=0))
+    tl.store(gcoord_ptr + i * 3 + 1, tl.sum(gy, axis=0))
+    tl.store(gcoord_ptr + i * 3 + 2, tl.sum(gz, axis=0))
+
+
 # ---------------------------------------------------------------- launch functions (no policy)
 
 def radial_forward(coord, nbr, starts, afv, block_p: int | None = None, block_f: int = BLOCK_F):
@@ -192,6 +287,21 @@ def radial_backward(grad_out, coord, nbr, starts, afv, block_p: int | None = Non
                                 BLOCK_P=block_p, BLOCK_F=block_f, NEED_COORD=need_coord,
                                 NEED_AFV=need_afv)
     return gcoord, gafv
+
+
+def radial_double_backward(grad_out, coord, nbr, starts, afv, u, v, block_p: int | None = None,
+                           block_f: int = BLOCK_F):
+    """Launch the double backward: u (N, F), v (N, 3) are the gradients arriving at grad afv and
+    grad coord → gradients wrt (grad_out (N, 16, F), coord (N, 3), afv (N, F))."""
+    n, f = coord.shape[0], afv.shape[1]
+    block_p = block_p or (BLOCK_P_BWD2_FP64 if afv.dtype == torch.float64 else BLOCK_P_BWD2)
+    ggout = common.empty(grad_out.shape, grad_out)
+    gcoord = common.empty(coord.shape, coord)
+    gafv = common.empty(afv.shape, afv)
+    if n:
+        radial_bwd2_kernel[(n,)](coord, nbr, starts, afv, grad_out, u, v, ggout, gafv, gcoord, f,
+                                 BLOCK_P=block_p, BLOCK_F=block_f)
+    return ggout, gcoord, gafv
 
 
 # ---------------------------------------------------------------- torch op and autograd
@@ -242,22 +352,44 @@ def _setup_double(ctx, inputs, output):
 def _double_backward(ctx, g_gcoord, g_gafv):
     grad_out, coord, pairs, afv = ctx.saved_tensors
     need_coord, need_afv = ctx.need
-    g_go, g_coord, g_afv = reference_double_backward(
-        lambda c, x: aev.radial_contract(c, pairs, x), grad_out, coord, afv,
-        g_gcoord if need_coord else None, g_gafv if need_afv else None)
+    # a result that was not computed (or gets no gradient) contributes nothing: zeros
+    u = g_gafv if need_afv and g_gafv is not None else torch.zeros_like(afv)
+    v = g_gcoord if need_coord and g_gcoord is not None else torch.zeros_like(coord)
+    g_go, g_coord, g_afv = _radial_bwd2_op(grad_out, coord, pairs, afv, u.contiguous(),
+                                           v.contiguous())
     return g_go, g_coord, None, g_afv, None, None
+
+
+@torch.library.custom_op("aimnet_fast::radial_contract_double_backward", mutates_args=())
+def _radial_bwd2_op(grad_out: torch.Tensor, coord: torch.Tensor, pairs: torch.Tensor,
+                    afv: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    starts = csr_starts(pairs[0], coord.shape[0])
+    return radial_double_backward(grad_out, coord, pairs[1].contiguous(), starts, afv, u, v)
+
+
+@_radial_bwd2_op.register_fake
+def _(grad_out, coord, pairs, afv, u, v):
+    return torch.empty_like(grad_out), torch.empty_like(coord), torch.empty_like(afv)
+
+
+def _no_third_derivative(ctx, *grads):
+    raise RuntimeError("radial_contract: the Triton kernels stop at the second derivative (force "
+                       "training); for higher ones use backend='torch'")
 
 
 _radial_op.register_autograd(_backward, setup_context=_setup_context)
 _radial_bwd_op.register_autograd(_double_backward, setup_context=_setup_double)
+_radial_bwd2_op.register_autograd(_no_third_derivative,
+                                  setup_context=lambda ctx, inputs, output: None)
 
 
 def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor) -> torch.Tensor:
     """x_r[i, s, f] = Σ_j g_r(r_ij)[s] · afv[j, f].
 
     coord (N, 3) Å; pairs (2, P) int64 ordered (i, j), sorted by i, both directions present;
-    afv (N, F) in coord's dtype → (N, 16, F). Differentiable in coord and afv; twice through the
-    PyTorch reference.
+    afv (N, F) in coord's dtype → (N, 16, F). Differentiable twice in coord and afv (force
+    training).
     """
     check_inputs("radial_contract", coord, afv)
     return _radial_op(coord.contiguous(), pairs.contiguous(), afv.contiguous())
@@ -267,7 +399,8 @@ def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor)
 
 def _specs():
     specs = []
-    for fp, fwd, bwd in (("fp32", BLOCK_P, BLOCK_P_BWD), ("fp64", BLOCK_P_FP64, BLOCK_P_BWD_FP64)):
+    for fp, fwd, bwd, bwd2 in (("fp32", BLOCK_P, BLOCK_P_BWD, BLOCK_P_BWD2),
+                               ("fp64", BLOCK_P_FP64, BLOCK_P_BWD_FP64, BLOCK_P_BWD2_FP64)):
         specs.append({"name": f"radial_fwd_{fp}", "fn": radial_fwd_kernel,
                       "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64", "start_ptr": "*i64",
                                     "afv_ptr": f"*{fp}", "out_ptr": f"*{fp}", "F": "i32",
@@ -284,6 +417,13 @@ def _specs():
                                         "NEED_COORD": "constexpr", "NEED_AFV": "constexpr"},
                           "constexprs": {"BLOCK_P": bwd, "BLOCK_F": BLOCK_F,
                                          "NEED_COORD": need_coord, "NEED_AFV": True}})
+        specs.append({"name": f"radial_bwd2_{fp}", "fn": radial_bwd2_kernel,
+                      "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64", "start_ptr": "*i64",
+                                    "afv_ptr": f"*{fp}", "gout_ptr": f"*{fp}", "u_ptr": f"*{fp}",
+                                    "v_ptr": f"*{fp}", "ggout_ptr": f"*{fp}",
+                                    "gafv_ptr": f"*{fp}", "gcoord_ptr": f"*{fp}", "F": "i32",
+                                    "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"},
+                      "constexprs": {"BLOCK_P": bwd2, "BLOCK_F": BLOCK_F}})
     return specs
 
 

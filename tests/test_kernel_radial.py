@@ -4,7 +4,6 @@ Without CUDA the kernels run in Triton's interpreter (conftest sets TRITON_INTER
 small but straddle every block boundary (neighbor lists shorter and longer than BLOCK_P, feature
 counts that are not a multiple of BLOCK_F). Every output and scratch buffer is poisoned with NaN.
 """
-import contextlib
 import json
 
 import pytest
@@ -139,25 +138,51 @@ def test_public_op_autograd_and_gradcheck():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
 
 
-def test_double_backward_matches_the_reference():
-    # training on forces: the gradient of a loss on −dE/dR wrt coordinates and features, where
-    # E = ½‖x_r‖² makes the first backward's grad_out depend on both (all three paths used)
-    coord, _, pairs = _batch([5, 3], seed=2, box_A=3.0)
-    pairs = pairs.to(DEVICE)
-    w = torch.randn(coord.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    results = []
-    for fn in (radial.radial_contract, aev.radial_contract):
-        c = coord.clone().to(DEVICE).requires_grad_()
-        a = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-        a = a.to(DEVICE).requires_grad_()
-        energy = 0.5 * fn(c, pairs, a).square().sum()
-        forces = -torch.autograd.grad(energy, c, create_graph=True)[0]
-        with pytest.warns(UserWarning, match="PyTorch reference") if fn is radial.radial_contract \
-                else contextlib.nullcontext():
-            results.append((forces.detach(),
-                            *torch.autograd.grad((forces * w.to(DEVICE)).sum(), (c, a))))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * max(want.abs().max(), 1.0))
+def _force_training_grads(fn, coord, pairs, afv, w):
+    """Gradient wrt coord and afv of a loss on forces −dE/dR, E = ½‖x_r‖²: the first backward's
+    grad_out then depends on both, so every path of the double backward is used."""
+    c = coord.clone().requires_grad_()
+    a = afv.clone().requires_grad_()
+    energy = 0.5 * fn(c, pairs, a).square().sum()
+    forces = -torch.autograd.grad(energy, c, create_graph=True)[0]
+    return (forces.detach(), *torch.autograd.grad((forces * w).sum(), (c, a)))
+
+
+@pytest.mark.parametrize("block_p,n_feat", [(None, 16), (4, 5)])
+def test_double_backward_matches_the_reference(monkeypatch, block_p, n_feat):
+    coord, _, pairs = _batch([9, 3, 1], seed=2, box_A=[3.5, 3.0, 1.0])
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(coord.shape, dtype=torch.float64, generator=g)
+    afv = torch.randn(coord.shape[0], n_feat, dtype=torch.float64, generator=g)
+    if block_p:
+        monkeypatch.setattr(radial, "BLOCK_P_BWD2_FP64", block_p)
+    args = [x.to(DEVICE) for x in (coord, pairs, afv, w)]
+    got = _force_training_grads(radial.radial_contract, *args)
+    want = _force_training_grads(aev.radial_contract, *args)
+    for x, y in zip(got, want):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-12 * max(y.abs().max(), 1.0))
+
+
+def test_double_backward_of_feature_loss_and_gradgradcheck():
+    # a loss on grad afv alone (v = 0 path) and torch's own second-order check
+    coord, _, pairs = _batch([4], seed=9, box_A=2.5)
+    c = coord.to(DEVICE).requires_grad_()
+    a = torch.randn(4, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    p = pairs.to(DEVICE)
+    assert torch.autograd.gradgradcheck(lambda c, a: radial.radial_contract(c, p, a), (c, a),
+                                        fast_mode=True)
+
+
+def test_third_derivative_raises():
+    coord, _, pairs = _batch([3], seed=2, box_A=2.0)
+    c = coord.to(DEVICE).requires_grad_()
+    a = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
+    e = radial.radial_contract(c, pairs.to(DEVICE), a).square().sum()
+    (g1,) = torch.autograd.grad(e, c, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.square().sum(), c, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        g2.sum().backward()
 
 
 def test_mixed_dtypes_are_refused():

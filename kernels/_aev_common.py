@@ -9,7 +9,6 @@ Keep the tensor on the left of a constexpr in products: Triton's interpreter fai
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import triton
@@ -69,26 +68,3 @@ def check_inputs(name: str, coord: torch.Tensor, feat: torch.Tensor) -> None:
         raise TypeError(f"{name}: the Triton kernels take float32 or float64, got {coord.dtype}")
     if coord.ndim != 2 or coord.shape[1] != 3:
         raise ValueError(f"{name}: coord must be (N, 3), got {tuple(coord.shape)}")
-
-
-def reference_double_backward(reference, grad_out, coord, feat, g_gcoord, g_gfeat):
-    """Double backward of a contraction (what training on forces needs) through its PyTorch
-    reference: autograd differentiates the reference's own backward. The Triton kernels have no
-    second derivative; this keeps backend='triton' correct for force training, at the reference's
-    cost and memory for this one step.
-
-    reference(coord, feat) -> out; grad_out is the gradient the first backward received;
-    g_gcoord, g_gfeat the gradients arriving at its two results (either may be None).
-    Returns the gradients wrt (grad_out, coord, feat).
-    """
-    warnings.warn("aimnet_fast: the double backward of the AEV contractions (training on forces) "
-                  "runs through the PyTorch reference, not the Triton kernels", stacklevel=2)
-    go, c, x = (t.detach().requires_grad_() for t in (grad_out, coord, feat))
-    wanted = [(r, w) for r, w in zip((0, 1), (g_gcoord, g_gfeat)) if w is not None]
-    if not wanted:
-        return None, None, None
-    with torch.enable_grad():
-        first = torch.autograd.grad(reference(c, x), (c, x), go, create_graph=True)
-        outs = [first[r] for r, _ in wanted]
-        res = torch.autograd.grad(outs, (go, c, x), [w for _, w in wanted], allow_unused=True)
-    return tuple(torch.zeros_like(t) if r is None else r for r, t in zip(res, (go, c, x)))

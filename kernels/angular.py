@@ -14,8 +14,10 @@ the reference; cos(θ − θ_z) = cos θ cos θ_z + sin θ sin θ_z with sin θ 
      Σ_c g_a[c] · grad_out[i, c];
   3. per atom: its centre part plus the bond-vector gradients of the triplets where it is j or k
      (stably sorted by j and by k).
-- double backward (force training): not in Triton; it runs through the PyTorch reference
-  (``_aev_common.reference_double_backward``): correct, at the reference's cost for that step.
+- double backward (force training): the same three-kernel pattern on the bond-vector level
+  (``angular_bwd2_centre_kernel`` with a forward-mode derivative of the per-triplet gradient,
+  ``angular_bwd2_gout_kernel``, the pair kernel with TANGENT, the gather kernel); no third
+  derivative.
 
 Shapes: coord (N, 3) Å; triplets (3, T) int64 rows i, j, k (j<k), sorted by i; pair_feat (Q, F);
 triplet_pair (T,) int64 into pair_feat → (N, 32, F) in pair_feat's dtype (float32 or float64,
@@ -29,13 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from aimnet_fast import aev
 from aimnet_fast.constants import (ANGULAR_CUTOFF_A, ANGULAR_ETA_PER_A2, ANGULAR_SECTORS_RAD,
                                    ANGULAR_SHIFTS_A, ANGULAR_ZETA, COS_CLAMP, N_ANGULAR)
 
 from . import _aev_common as common
-from ._aev_common import (check_inputs, cosine_cutoff, cosine_cutoff_grad, csr_starts,
-                          group_by, reference_double_backward)
+from ._aev_common import (check_inputs, cosine_cutoff, cosine_cutoff_grad, cosine_cutoff_grad2,
+                          csr_starts, group_by)
 
 # The kernels rebuild the tables as θ_z = z·π/4 and R_a = 0.5 + 0.65·a, and raise to the power ζ = 8
 # by three squarings; make sure those are the model's constants.
@@ -58,6 +59,8 @@ BLOCK_F = 16   # features per program (the model has F = 16)
 BLOCK_T_BWD = 8
 # float64 takes two registers per value: it needs shorter steps not to spill.
 BLOCK_T_FP64, BLOCK_T_BWD_FP64 = 4, 4
+# The double backward holds about twice the backward's values per triplet.
+BLOCK_T_BWD2, BLOCK_T_BWD2_FP64 = 8, 2
 
 
 @triton.jit
@@ -148,6 +151,116 @@ def _angular_vjp(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift, h):
 
 
 @triton.jit
+def _angular_g_tangent(ax, ay, az, bx, by, bz, tax, tay, taz, tbx, tby, tbz, d1, d2, cz, sz,
+                       shift):
+    """g_a (T, 32) and its directional derivative D = ∇g_a · (t_ij, t_ik) along bond-vector
+    tangents t (three (T,) components each, Å)."""
+    dot = ax * bx + ay * by + az * bz
+    dot_t = tax * bx + tay * by + taz * bz + ax * tbx + ay * tby + az * tbz
+    d1_t = (ax * tax + ay * tay + az * taz) / d1
+    d2_t = (bx * tbx + by * tby + bz * tbz) / d2
+    cos0 = dot / (d1 * d2)
+    cos0_t = dot_t / (d1 * d2) - cos0 * (d1_t / d1 + d2_t / d2)
+    cc = _clamp_cos(cos0)
+    cc_t = tl.where(cc == cos0, cos0_t, 0.0)
+    sn = tl.sqrt(1.0 - cc * cc)
+    sn_t = -cc * cc_t / sn
+    base = 1.0 + cc[:, None] * cz[None, :] + sn[:, None] * sz[None, :]
+    base_t = cc_t[:, None] * cz[None, :] + sn_t[:, None] * sz[None, :]
+    b2 = base * base
+    b4 = b2 * b2
+    ang = b4 * b4
+    ang_t = (b4 * b2 * base) * base_t * 8.0
+    x = (d1 + d2)[:, None] * 0.5 - shift[None, :]
+    rad = tl.exp((x * x) * (-ETA))
+    rad_t = rad * x * ((d1_t + d2_t) * 0.5)[:, None] * (-2.0 * ETA)
+    fc1 = cosine_cutoff(d1, RC)
+    fc2 = cosine_cutoff(d2, RC)
+    fcp = fc1 * fc2 * SCALE
+    fcp_t = (cosine_cutoff_grad(d1, RC) * d1_t * fc2 + fc1 * cosine_cutoff_grad(d2, RC) * d2_t) \
+        * SCALE
+    g = ang * rad * fcp[:, None]
+    return g, (ang_t * rad + ang * rad_t) * fcp[:, None] + ang * rad * fcp_t[:, None]
+
+
+@triton.jit
+def _angular_vjp_tangent(ax, ay, az, bx, by, bz, tax, tay, taz, tbx, tby, tbz, d1, d2, cz, sz,
+                         shift, h):
+    """The directional derivative, along bond-vector tangents t, of _angular_vjp's result for a
+    fixed h (T, 32): the Hessian of Σ_c h_c g_a[c] times t, as (dA (3), dB (3)) of (T,) each.
+    Forward-mode differentiation of _angular_vjp line by line (x_t is the tangent of x)."""
+    dot = ax * bx + ay * by + az * bz
+    dot_t = tax * bx + tay * by + taz * bz + ax * tbx + ay * tby + az * tbz
+    d1_t = (ax * tax + ay * tay + az * taz) / d1
+    d2_t = (bx * tbx + by * tby + bz * tbz) / d2
+    cos0 = dot / (d1 * d2)
+    cos0_t = dot_t / (d1 * d2) - cos0 * (d1_t / d1 + d2_t / d2)
+    cc = _clamp_cos(cos0)
+    free = cc == cos0
+    cc_t = tl.where(free, cos0_t, 0.0)
+    sn = tl.sqrt(1.0 - cc * cc)
+    sn_t = -cc * cc_t / sn
+    base = 1.0 + cc[:, None] * cz[None, :] + sn[:, None] * sz[None, :]
+    base_t = cc_t[:, None] * cz[None, :] + sn_t[:, None] * sz[None, :]
+    b2 = base * base
+    b4 = b2 * b2
+    ang = b4 * b4
+    p7 = b4 * b2 * base
+    ang_t = p7 * base_t * 8.0
+    slope = cz[None, :] - (cc / sn)[:, None] * sz[None, :]
+    dang = p7 * 8.0 * slope
+    # d(cc/sn) = cc_t / sn³ because sn² + cc² = 1
+    dang_t = (b4 * b2) * base_t * slope * 56.0 - p7 * 8.0 * (cc_t / (sn * sn * sn))[:, None] \
+        * sz[None, :]
+    x = (d1 + d2)[:, None] * 0.5 - shift[None, :]
+    x_t = ((d1_t + d2_t) * 0.5)[:, None]
+    rad = tl.exp((x * x) * (-ETA))
+    rad_t = rad * x * x_t * (-2.0 * ETA)
+    fc1 = cosine_cutoff(d1, RC)
+    fc2 = cosine_cutoff(d2, RC)
+    dfc1 = cosine_cutoff_grad(d1, RC)
+    dfc2 = cosine_cutoff_grad(d2, RC)
+    fcp = fc1 * fc2 * SCALE
+    fcp_t = (dfc1 * d1_t * fc2 + fc1 * dfc2 * d2_t) * SCALE
+    hr = h * rad
+    hr_t = h * rad_t
+    s_ang = tl.sum(hr * ang, axis=1) * SCALE
+    s_ang_t = tl.sum(hr_t * ang + hr * ang_t, axis=1) * SCALE
+    s_cos = tl.sum(hr * dang, axis=1)
+    s_cos_t = tl.sum(hr_t * dang + hr * dang_t, axis=1)
+    dl_dcos = tl.where(free, s_cos * fcp, 0.0)
+    dl_dcos_t = tl.where(free, s_cos_t * fcp + s_cos * fcp_t, 0.0)
+    s_mean = tl.sum(hr * ang * x, axis=1)
+    s_mean_t = tl.sum((hr_t * ang + hr * ang_t) * x + hr * ang * x_t, axis=1)
+    dl_dmean = s_mean * fcp * (-2.0 * ETA)
+    dl_dmean_t = (s_mean_t * fcp + s_mean * fcp_t) * (-2.0 * ETA)
+    ddfc1 = cosine_cutoff_grad2(d1, RC)
+    ddfc2 = cosine_cutoff_grad2(d2, RC)
+    dl_dd1 = s_ang * dfc1 * fc2 + 0.5 * dl_dmean
+    dl_dd1_t = s_ang_t * dfc1 * fc2 + s_ang * ddfc1 * d1_t * fc2 + s_ang * dfc1 * dfc2 * d2_t \
+        + 0.5 * dl_dmean_t
+    dl_dd2 = s_ang * fc1 * dfc2 + 0.5 * dl_dmean
+    dl_dd2_t = s_ang_t * fc1 * dfc2 + s_ang * dfc1 * d1_t * dfc2 + s_ang * fc1 * ddfc2 * d2_t \
+        + 0.5 * dl_dmean_t
+    inv12 = dl_dcos / (d1 * d2)
+    inv12_t = dl_dcos_t / (d1 * d2) - inv12 * (d1_t / d1 + d2_t / d2)
+    u1 = dl_dd1 / d1 - dl_dcos * cos0 / (d1 * d1)
+    u1_t = dl_dd1_t / d1 - dl_dd1 * d1_t / (d1 * d1) \
+        - (dl_dcos_t * cos0 + dl_dcos * cos0_t) / (d1 * d1) \
+        + 2.0 * dl_dcos * cos0 * d1_t / (d1 * d1 * d1)
+    u2 = dl_dd2 / d2 - dl_dcos * cos0 / (d2 * d2)
+    u2_t = dl_dd2_t / d2 - dl_dd2 * d2_t / (d2 * d2) \
+        - (dl_dcos_t * cos0 + dl_dcos * cos0_t) / (d2 * d2) \
+        + 2.0 * dl_dcos * cos0 * d2_t / (d2 * d2 * d2)
+    return (u1_t * ax + u1 * tax + inv12_t * bx + inv12 * tbx,
+            u1_t * ay + u1 * tay + inv12_t * by + inv12 * tby,
+            u1_t * az + u1 * taz + inv12_t * bz + inv12 * tbz,
+            u2_t * bx + u2 * tbx + inv12_t * ax + inv12 * tax,
+            u2_t * by + u2 * tby + inv12_t * ay + inv12 * tay,
+            u2_t * bz + u2 * tbz + inv12_t * az + inv12 * taz)
+
+
+@triton.jit
 def angular_fwd_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, out_ptr, T, F,
                        BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
     """out[i, c, f] for one centre atom i = program 0 and one feature tile = program 1."""
@@ -221,11 +334,13 @@ def angular_bwd_centre_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, go
 
 
 @triton.jit
-def angular_bwd_pair_kernel(coord_ptr, trip_ptr, order_ptr, start_ptr, gout_ptr, gpf_ptr, T, F,
-                            BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+def angular_bwd_pair_kernel(coord_ptr, trip_ptr, order_ptr, start_ptr, gout_ptr, v_ptr, gpf_ptr,
+                            T, F, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr,
+                            TANGENT: tl.constexpr):
     """grad pair_feat[q, f] = Σ_{triplets of pair q} Σ_c g_a[c] · grad_out[i, c, f], for one
     pair q = program 0 and one feature tile = program 1; the triplets of q are
-    order[start[q]:start[q+1]]."""
+    order[start[q]:start[q+1]]. With TANGENT (double backward), g_a is replaced by its
+    directional derivative along the bond tangents v_j − v_i, v_k − v_i (v (N, 3))."""
     q = tl.program_id(0).to(tl.int64)
     offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     mask_f = offs_f < F
@@ -242,7 +357,12 @@ def angular_bwd_pair_kernel(coord_ptr, trip_ptr, order_ptr, start_ptr, gout_ptr,
         j = tl.load(trip_ptr + T + t, mask=mask_s, other=0)
         k = tl.load(trip_ptr + 2 * T + t, mask=mask_s, other=0)
         ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_s)
-        g = _angular_g(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift)
+        if TANGENT:
+            tax, tay, taz, tbx, tby, tbz, n1, n2 = _bond_vectors(v_ptr, i, j, k, mask_s)
+            _, g = _angular_g_tangent(ax, ay, az, bx, by, bz, tax, tay, taz, tbx, tby, tbz,
+                                      d1, d2, cz, sz, shift)
+        else:
+            g = _angular_g(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift)
         g = tl.where(mask_s[:, None], g, 0.0)
         go = tl.load(gout_ptr + i[:, None, None] * (NC * F) + c[None, :, None] * F
                      + offs_f[None, None, :],
@@ -280,6 +400,104 @@ def angular_bwd_gather_kernel(dv_ptr, gcentre_ptr, order_j_ptr, start_j_ptr, ord
     tl.store(gcoord_ptr + a * 3 + 0, tl.load(gcentre_ptr + a * 3 + 0) + tl.sum(gx, axis=0))
     tl.store(gcoord_ptr + a * 3 + 1, tl.load(gcentre_ptr + a * 3 + 1) + tl.sum(gy, axis=0))
     tl.store(gcoord_ptr + a * 3 + 2, tl.load(gcentre_ptr + a * 3 + 2) + tl.sum(gz, axis=0))
+
+
+@triton.jit
+def angular_bwd2_centre_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, u_ptr, v_ptr,
+                               gout_ptr, dv_ptr, gcentre_ptr, T, F,
+                               BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Double backward, coordinate part, for centre atom i. With S = <u, grad pair_feat> +
+    <v, grad coord> (u (Q, F), v (N, 3) arrive at the first backward's results):
+    S = Σ_t Σ_c [g_c k_c + D_c h_c], k_c = grad_out[i, c]·u[q], h_c = grad_out[i, c]·p[q],
+    D the derivative of g along the bond tangents (v_j − v_i, v_k − v_i). Per triplet, its
+    gradient wrt the two bond vectors (the vjp with k plus the Hessian-vector product with h) goes
+    to dv (T, 6), and minus their sum to gcentre[i]."""
+    i = tl.program_id(0).to(tl.int64)
+    cz, sz, shift = _channel_tables(coord_ptr.dtype.element_ty)
+    c = tl.arange(0, NC)
+    t_lo = tl.load(start_ptr + i)
+    t_hi = tl.load(start_ptr + i + 1)
+    gx = tl.zeros((BLOCK_T,), dtype=gcentre_ptr.dtype.element_ty)
+    gy = tl.zeros((BLOCK_T,), dtype=gcentre_ptr.dtype.element_ty)
+    gz = tl.zeros((BLOCK_T,), dtype=gcentre_ptr.dtype.element_ty)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_hi
+        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0)
+        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0)
+        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0)
+        h = tl.zeros((BLOCK_T, NC), dtype=gcentre_ptr.dtype.element_ty)
+        kk = tl.zeros((BLOCK_T, NC), dtype=gcentre_ptr.dtype.element_ty)
+        for f0 in range(0, F, BLOCK_F):
+            offs_f = f0 + tl.arange(0, BLOCK_F)
+            mask_f = offs_f < F
+            mask_tf = mask_t[:, None] & mask_f[None, :]
+            p = tl.load(pf_ptr + q[:, None] * F + offs_f[None, :], mask=mask_tf, other=0.0)
+            uq = tl.load(u_ptr + q[:, None] * F + offs_f[None, :], mask=mask_tf, other=0.0)
+            go = tl.load(gout_ptr + i * (NC * F) + c[:, None] * F + offs_f[None, :],
+                         mask=mask_f[None, :], other=0.0)
+            h += tl.sum(p[:, None, :] * go[None, :, :], axis=2).to(h.dtype)
+            kk += tl.sum(uq[:, None, :] * go[None, :, :], axis=2).to(kk.dtype)
+        h = tl.where(mask_t[:, None], h, 0.0)
+        kk = tl.where(mask_t[:, None], kk, 0.0)
+        ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_t)
+        tax, tay, taz, tbx, tby, tbz, n1, n2 = _bond_vectors(v_ptr, i, j, k, mask_t)
+        kax, kay, kaz, kbx, kby, kbz = _angular_vjp(ax, ay, az, bx, by, bz, d1, d2, cz, sz,
+                                                    shift, kk)
+        hax, hay, haz, hbx, hby, hbz = _angular_vjp_tangent(ax, ay, az, bx, by, bz, tax, tay, taz,
+                                                            tbx, tby, tbz, d1, d2, cz, sz, shift,
+                                                            h)
+        gax = kax + hax
+        gay = kay + hay
+        gaz = kaz + haz
+        gbx = kbx + hbx
+        gby = kby + hby
+        gbz = kbz + hbz
+        tl.store(dv_ptr + offs_t * 6 + 0, gax, mask=mask_t)
+        tl.store(dv_ptr + offs_t * 6 + 1, gay, mask=mask_t)
+        tl.store(dv_ptr + offs_t * 6 + 2, gaz, mask=mask_t)
+        tl.store(dv_ptr + offs_t * 6 + 3, gbx, mask=mask_t)
+        tl.store(dv_ptr + offs_t * 6 + 4, gby, mask=mask_t)
+        tl.store(dv_ptr + offs_t * 6 + 5, gbz, mask=mask_t)
+        gx -= tl.where(mask_t, gax + gbx, 0.0)
+        gy -= tl.where(mask_t, gay + gby, 0.0)
+        gz -= tl.where(mask_t, gaz + gbz, 0.0)
+    tl.store(gcentre_ptr + i * 3 + 0, tl.sum(gx, axis=0))
+    tl.store(gcentre_ptr + i * 3 + 1, tl.sum(gy, axis=0))
+    tl.store(gcentre_ptr + i * 3 + 2, tl.sum(gz, axis=0))
+
+
+@triton.jit
+def angular_bwd2_gout_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, u_ptr, v_ptr,
+                             ggout_ptr, T, F, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    """Double backward, gradient wrt grad_out[i, c, f] = Σ_t (g_c u[q_t, f] + D_c p[q_t, f]) for
+    one centre atom i = program 0 and one feature tile = program 1 (shaped like the forward)."""
+    i = tl.program_id(0).to(tl.int64)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < F
+    cz, sz, shift = _channel_tables(coord_ptr.dtype.element_ty)
+    t_lo = tl.load(start_ptr + i)
+    t_hi = tl.load(start_ptr + i + 1)
+    acc = tl.zeros((NC, BLOCK_F), dtype=ggout_ptr.dtype.element_ty)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < t_hi
+        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0)
+        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0)
+        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0)
+        ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_t)
+        tax, tay, taz, tbx, tby, tbz, n1, n2 = _bond_vectors(v_ptr, i, j, k, mask_t)
+        g, dg = _angular_g_tangent(ax, ay, az, bx, by, bz, tax, tay, taz, tbx, tby, tbz, d1, d2,
+                                   cz, sz, shift)
+        g = tl.where(mask_t[:, None], g, 0.0)
+        dg = tl.where(mask_t[:, None], dg, 0.0)
+        mask_tf = mask_t[:, None] & mask_f[None, :]
+        p = tl.load(pf_ptr + q[:, None] * F + offs_f[None, :], mask=mask_tf, other=0.0)
+        uq = tl.load(u_ptr + q[:, None] * F + offs_f[None, :], mask=mask_tf, other=0.0)
+        acc += tl.sum(g[:, :, None] * uq[:, None, :] + dg[:, :, None] * p[:, None, :], axis=0)
+    c = tl.arange(0, NC)
+    tl.store(ggout_ptr + i * (NC * F) + c[:, None] * F + offs_f[None, :], acc,
+             mask=mask_f[None, :])
 
 
 # ---------------------------------------------------------------- launch functions (no policy)
@@ -329,9 +547,46 @@ def angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat,
     if need_pair_feat and nq and f:
         order_q, starts_q = group_by(triplet_pair, nq)
         angular_bwd_pair_kernel[(nq, triton.cdiv(f, block_f))](coord, triplets, order_q, starts_q,
-                                                               grad_out, gpf, t, f,
-                                                               BLOCK_T=block_t, BLOCK_F=block_f)
+                                                               grad_out, coord, gpf, t, f,
+                                                               BLOCK_T=block_t, BLOCK_F=block_f,
+                                                               TANGENT=False)
     return gcoord, gpf
+
+
+def angular_double_backward(grad_out, coord, triplets, triplet_pair, pair_feat, u, v,
+                            block_t: int | None = None, block_f: int = BLOCK_F):
+    """Launch the double backward: u (Q, F) and v (N, 3) are the gradients arriving at grad
+    pair_feat and grad coord → gradients wrt (grad_out (N, 32, F), coord (N, 3),
+    pair_feat (Q, F)). Deterministic, no atomics (same orderings as the backward)."""
+    n, (nq, f), t = coord.shape[0], pair_feat.shape, triplets.shape[1]
+    block_t = block_t or (BLOCK_T_BWD2_FP64 if pair_feat.dtype == torch.float64 else BLOCK_T_BWD2)
+    ggout = common.empty(grad_out.shape, grad_out)
+    gcoord = common.empty(coord.shape, coord)
+    gpf = common.empty(pair_feat.shape, pair_feat)
+    if n == 0:
+        return ggout, gcoord, gpf
+    starts_i = csr_starts(triplets[0], n)
+    order_j, starts_j = group_by(triplets[1], n)
+    order_k, starts_k = group_by(triplets[2], n)
+    dv = common.empty((t, 6), coord)
+    gcentre = common.empty(coord.shape, coord)
+    angular_bwd2_centre_kernel[(n,)](coord, triplets, triplet_pair, starts_i, pair_feat, u, v,
+                                     grad_out, dv, gcentre, t, f,
+                                     BLOCK_T=block_t, BLOCK_F=block_f)
+    angular_bwd_gather_kernel[(n,)](dv, gcentre, order_j, starts_j, order_k, starts_k, gcoord,
+                                    BLOCK_T=block_t)
+    if f:
+        angular_bwd2_gout_kernel[(n, triton.cdiv(f, block_f))](coord, triplets, triplet_pair,
+                                                               starts_i, pair_feat, u, v, ggout,
+                                                               t, f, BLOCK_T=block_t,
+                                                               BLOCK_F=block_f)
+    if nq and f:
+        order_q, starts_q = group_by(triplet_pair, nq)
+        angular_bwd_pair_kernel[(nq, triton.cdiv(f, block_f))](coord, triplets, order_q, starts_q,
+                                                               grad_out, v, gpf, t, f,
+                                                               BLOCK_T=block_t, BLOCK_F=block_f,
+                                                               TANGENT=True)
+    return ggout, gcoord, gpf
 
 
 # ---------------------------------------------------------------- torch op and autograd
@@ -383,14 +638,35 @@ def _setup_double(ctx, inputs, output):
 def _double_backward(ctx, g_gcoord, g_gpf):
     grad_out, coord, triplets, pair_feat, triplet_pair = ctx.saved_tensors
     need_coord, need_pf = ctx.need
-    g_go, g_coord, g_pf = reference_double_backward(
-        lambda c, x: aev.angular_contract(c, triplets, x, triplet_pair),
-        grad_out, coord, pair_feat, g_gcoord if need_coord else None, g_gpf if need_pf else None)
+    # a result that was not computed (or gets no gradient) contributes nothing: zeros
+    u = g_gpf if need_pf and g_gpf is not None else torch.zeros_like(pair_feat)
+    v = g_gcoord if need_coord and g_gcoord is not None else torch.zeros_like(coord)
+    g_go, g_coord, g_pf = _angular_bwd2_op(grad_out, coord, triplets, pair_feat, triplet_pair,
+                                           u.contiguous(), v.contiguous())
     return g_go, g_coord, None, g_pf, None, None, None
+
+
+@torch.library.custom_op("aimnet_fast::angular_contract_double_backward", mutates_args=())
+def _angular_bwd2_op(grad_out: torch.Tensor, coord: torch.Tensor, triplets: torch.Tensor,
+                     pair_feat: torch.Tensor, triplet_pair: torch.Tensor, u: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return angular_double_backward(grad_out, coord, triplets, triplet_pair, pair_feat, u, v)
+
+
+@_angular_bwd2_op.register_fake
+def _(grad_out, coord, triplets, pair_feat, triplet_pair, u, v):
+    return torch.empty_like(grad_out), torch.empty_like(coord), torch.empty_like(pair_feat)
+
+
+def _no_third_derivative(ctx, *grads):
+    raise RuntimeError("angular_contract: the Triton kernels stop at the second derivative (force "
+                       "training); for higher ones use backend='torch'")
 
 
 _angular_op.register_autograd(_backward, setup_context=_setup_context)
 _angular_bwd_op.register_autograd(_double_backward, setup_context=_setup_double)
+_angular_bwd2_op.register_autograd(_no_third_derivative,
+                                   setup_context=lambda ctx, inputs, output: None)
 
 
 def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: torch.Tensor,
@@ -398,8 +674,8 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
     """x_a[i, c, f] = Σ_{j<k} g_a(i; j, k)[c] · pair_feat[jk, f].
 
     coord (N, 3) Å; triplets (3, T) int64 rows i, j, k, sorted by i; pair_feat (Q, F) in coord's
-    dtype; triplet_pair (T,) int64 → (N, 32, F). Differentiable in coord and pair_feat; twice
-    through the PyTorch reference.
+    dtype; triplet_pair (T,) int64 → (N, 32, F). Differentiable twice in coord and pair_feat
+    (force training).
     """
     check_inputs("angular_contract", coord, pair_feat)
     return _angular_op(coord.contiguous(), triplets.contiguous(), pair_feat.contiguous(),
@@ -410,33 +686,42 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
 
 def _specs():
     specs = []
-    for fp, fwd, bwd in (("fp32", BLOCK_T, BLOCK_T_BWD), ("fp64", BLOCK_T_FP64, BLOCK_T_BWD_FP64)):
-        blocks = {"BLOCK_T": fwd, "BLOCK_F": BLOCK_F}
-        bwd_blocks = {"BLOCK_T": bwd, "BLOCK_F": BLOCK_F}
+    for fp, fwd, bwd, bwd2 in (("fp32", BLOCK_T, BLOCK_T_BWD, BLOCK_T_BWD2),
+                               ("fp64", BLOCK_T_FP64, BLOCK_T_BWD_FP64, BLOCK_T_BWD2_FP64)):
+        ptr = f"*{fp}"
+        blocks = {"BLOCK_T": "constexpr", "BLOCK_F": "constexpr"}
+        centre = {"coord_ptr": ptr, "trip_ptr": "*i64", "tp_ptr": "*i64", "start_ptr": "*i64",
+                  "pf_ptr": ptr}
         specs.append({"name": f"angular_fwd_{fp}", "fn": angular_fwd_kernel,
-                      "signature": {"coord_ptr": f"*{fp}", "trip_ptr": "*i64", "tp_ptr": "*i64",
-                                    "start_ptr": "*i64", "pf_ptr": f"*{fp}", "out_ptr": f"*{fp}",
-                                    "T": "i32", "F": "i32",
-                                    "BLOCK_T": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": dict(blocks)})
+                      "signature": {**centre, "out_ptr": ptr, "T": "i32", "F": "i32", **blocks},
+                      "constexprs": {"BLOCK_T": fwd, "BLOCK_F": BLOCK_F}})
         specs.append({"name": f"angular_bwd_centre_{fp}", "fn": angular_bwd_centre_kernel,
-                      "signature": {"coord_ptr": f"*{fp}", "trip_ptr": "*i64", "tp_ptr": "*i64",
-                                    "start_ptr": "*i64", "pf_ptr": f"*{fp}", "gout_ptr": f"*{fp}",
-                                    "dv_ptr": f"*{fp}", "gcentre_ptr": f"*{fp}", "T": "i32",
-                                    "F": "i32", "BLOCK_T": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": dict(bwd_blocks)})
-        specs.append({"name": f"angular_bwd_pair_{fp}", "fn": angular_bwd_pair_kernel,
-                      "signature": {"coord_ptr": f"*{fp}", "trip_ptr": "*i64", "order_ptr": "*i64",
-                                    "start_ptr": "*i64", "gout_ptr": f"*{fp}", "gpf_ptr": f"*{fp}",
-                                    "T": "i32", "F": "i32",
-                                    "BLOCK_T": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": dict(bwd_blocks)})
+                      "signature": {**centre, "gout_ptr": ptr, "dv_ptr": ptr, "gcentre_ptr": ptr,
+                                    "T": "i32", "F": "i32", **blocks},
+                      "constexprs": {"BLOCK_T": bwd, "BLOCK_F": BLOCK_F}})
+        for suffix, tangent, block in (("", False, bwd), ("_tangent", True, bwd2)):
+            specs.append({"name": f"angular_bwd_pair{suffix}_{fp}", "fn": angular_bwd_pair_kernel,
+                          "signature": {"coord_ptr": ptr, "trip_ptr": "*i64", "order_ptr": "*i64",
+                                        "start_ptr": "*i64", "gout_ptr": ptr, "v_ptr": ptr,
+                                        "gpf_ptr": ptr, "T": "i32", "F": "i32", **blocks,
+                                        "TANGENT": "constexpr"},
+                          "constexprs": {"BLOCK_T": block, "BLOCK_F": BLOCK_F,
+                                         "TANGENT": tangent}})
         specs.append({"name": f"angular_bwd_gather_{fp}", "fn": angular_bwd_gather_kernel,
-                      "signature": {"dv_ptr": f"*{fp}", "gcentre_ptr": f"*{fp}",
+                      "signature": {"dv_ptr": ptr, "gcentre_ptr": ptr,
                                     "order_j_ptr": "*i64", "start_j_ptr": "*i64",
                                     "order_k_ptr": "*i64", "start_k_ptr": "*i64",
-                                    "gcoord_ptr": f"*{fp}", "BLOCK_T": "constexpr"},
+                                    "gcoord_ptr": ptr, "BLOCK_T": "constexpr"},
                       "constexprs": {"BLOCK_T": bwd}})
+        specs.append({"name": f"angular_bwd2_centre_{fp}", "fn": angular_bwd2_centre_kernel,
+                      "signature": {**centre, "u_ptr": ptr, "v_ptr": ptr, "gout_ptr": ptr,
+                                    "dv_ptr": ptr, "gcentre_ptr": ptr, "T": "i32", "F": "i32",
+                                    **blocks},
+                      "constexprs": {"BLOCK_T": bwd2, "BLOCK_F": BLOCK_F}})
+        specs.append({"name": f"angular_bwd2_gout_{fp}", "fn": angular_bwd2_gout_kernel,
+                      "signature": {**centre, "u_ptr": ptr, "v_ptr": ptr, "ggout_ptr": ptr,
+                                    "T": "i32", "F": "i32", **blocks},
+                      "constexprs": {"BLOCK_T": bwd2, "BLOCK_F": BLOCK_F}})
     return specs
 
 

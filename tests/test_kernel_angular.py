@@ -5,7 +5,6 @@ Without CUDA the kernels run in Triton's interpreter (conftest sets TRITON_INTER
 small but straddle every block boundary (triplets per centre, centres per pair, appearances of an
 atom as j or k, features). Every output and scratch buffer is poisoned with NaN.
 """
-import contextlib
 import json
 import math
 
@@ -176,25 +175,58 @@ def test_public_op_autograd_and_gradcheck():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
 
 
-def test_double_backward_matches_the_reference():
-    # training on forces: the gradient of a loss on −dE/dR wrt coordinates and pair features, where
-    # E = ½‖x_a‖² makes the first backward's grad_out depend on both (all three paths used)
-    coord, nb = _batch([5, 3], seed=2, box_A=2.2)
+def _force_training_grads(fn, coord, nb, pair_feat, w):
+    """Gradient wrt coord and pair_feat of a loss on forces −dE/dR, E = ½‖x_a‖²: the first
+    backward's grad_out then depends on both, so every path of the double backward is used."""
+    c = coord.clone().requires_grad_()
+    p = pair_feat.clone().requires_grad_()
+    energy = 0.5 * fn(c, nb.triplets, p, nb.triplet_pair).square().sum()
+    forces = -torch.autograd.grad(energy, c, create_graph=True)[0]
+    return (forces.detach(), *torch.autograd.grad((forces * w).sum(), (c, p)))
+
+
+@pytest.mark.parametrize("block_t,n_feat", [(None, 16), (4, 5)])
+def test_double_backward_matches_the_reference(monkeypatch, block_t, n_feat):
+    # a dense molecule (many triplets per centre and per pair), a sparse one, a lone atom
+    coord, nb = _batch([7, 4, 1], seed=2, box_A=[2.3, 3.0, 1.0])
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(coord.shape, dtype=torch.float64, generator=g)
+    pair_feat = torch.randn(nb.pairs.shape[1], n_feat, dtype=torch.float64, generator=g)
+    if block_t:
+        monkeypatch.setattr(angular, "BLOCK_T_BWD2_FP64", block_t)
+    got = _force_training_grads(angular.angular_contract, coord, nb, pair_feat, w)
+    want = _force_training_grads(aev.angular_contract, coord, nb, pair_feat, w)
+    for x, y in zip(got, want):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-11 * max(y.abs().max(), 1.0))
+
+
+def test_double_backward_at_the_cos_clamp():
+    coord = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0],
+                          [0.0, 0.0, 10.0], [1.2, 0.0, 10.0], [-1.1, 0.01, 10.0]],
+                         dtype=torch.float64)
+    nb = build_neighbors(coord, torch.tensor([0, 0, 0, 1, 1, 1]))
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(coord.shape, dtype=torch.float64, generator=g)
+    pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64, generator=g)
+    got = _force_training_grads(angular.angular_contract, coord, nb, pair_feat, w)
+    want = _force_training_grads(aev.angular_contract, coord, nb, pair_feat, w)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-10 * max(y.abs().max(), 1.0))
+
+
+def test_gradgradcheck_and_third_derivative_raises():
+    coord, nb = _batch([4], seed=9, box_A=2.0)
+    c = coord.to(DEVICE).requires_grad_()
+    p = torch.randn(nb.pairs.shape[1], 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
     trip, tp = nb.triplets.to(DEVICE), nb.triplet_pair.to(DEVICE)
-    w = torch.randn(coord.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    results = []
-    for fn in (angular.angular_contract, aev.angular_contract):
-        c = coord.clone().to(DEVICE).requires_grad_()
-        p = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64,
-                        generator=torch.Generator().manual_seed(4)).to(DEVICE).requires_grad_()
-        energy = 0.5 * fn(c, trip, p, tp).square().sum()
-        forces = -torch.autograd.grad(energy, c, create_graph=True)[0]
-        with pytest.warns(UserWarning, match="PyTorch reference") \
-                if fn is angular.angular_contract else contextlib.nullcontext():
-            results.append((forces.detach(),
-                            *torch.autograd.grad((forces * w.to(DEVICE)).sum(), (c, p))))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12 * max(want.abs().max(), 1.0))
+    assert torch.autograd.gradgradcheck(lambda c, p: angular.angular_contract(c, trip, p, tp),
+                                        (c, p), fast_mode=True)
+    e = angular.angular_contract(c, trip, p, tp).square().sum()
+    (g1,) = torch.autograd.grad(e, c, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.square().sum(), c, create_graph=True)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        g2.sum().backward()
 
 
 def test_fake_tensor_registration():
@@ -244,3 +276,16 @@ def test_only_the_gradients_asked_for(need_coord, need_pf):
     gcoord, gpf = angular.angular_backward(grad_out, c.detach(), trip, tp, p.detach(),
                                            need_coord=need_coord, need_pair_feat=need_pf)
     assert (gcoord.numel() == 0) != need_coord and (gpf.numel() == 0) != need_pf
+
+
+def test_double_backward_float32_against_float64_reference():
+    coord, nb = _batch([7, 4], seed=12, box_A=2.4)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(coord.shape, dtype=torch.float64, generator=g)
+    pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64, generator=g)
+    c32, p32, w32 = coord.float(), pair_feat.float(), w.float()
+    got = _force_training_grads(angular.angular_contract, c32, nb, p32, w32)
+    want = _force_training_grads(aev.angular_contract, c32.double(), nb, p32.double(), w32.double())
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32
+        assert ((x.double() - y).norm() / y.norm()).item() < 1e-5

@@ -229,3 +229,17 @@ def test_only_the_gradients_asked_for(need_coord, need_afv):
                                           starts.to(DEVICE), a.detach(), need_coord=need_coord,
                                           need_afv=need_afv)
     assert (gcoord.numel() == 0) != need_coord and (gafv.numel() == 0) != need_afv
+
+
+def test_double_backward_float32_against_float64_reference():
+    coord, _, pairs = _batch([10, 4], seed=12, box_A=[3.5, 4.0])
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(coord.shape, dtype=torch.float64, generator=g)
+    afv = torch.randn(coord.shape[0], 16, dtype=torch.float64, generator=g)
+    c32, a32, w32 = coord.float(), afv.float(), w.float()
+    got = _force_training_grads(radial.radial_contract, c32, pairs, a32, w32)
+    want = _force_training_grads(aev.radial_contract, c32.double(), pairs, a32.double(),
+                                 w32.double())
+    for x, y in zip(got, want):
+        assert x.dtype == torch.float32
+        assert ((x.double() - y).norm() / y.norm()).item() < 1e-5

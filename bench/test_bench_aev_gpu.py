@@ -53,29 +53,33 @@ def _op(name, impl, coord, nb, afv, pair_feat):
     return lambda c, x: f(c, nb.triplets, x, nb.triplet_pair), pair_feat
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd", "energy_training", "force_training"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("name", ["radial", "angular"])
-def test_aev_contraction(benchmark, aev_batch, name, impl, backward):
+def test_aev_contraction(benchmark, aev_batch, name, impl, mode):
+    """fwd: forward only; fwd_bwd: both gradients; energy_training: the feature gradient only
+    (coordinates need none); force_training: forces with create_graph, then the gradient of a
+    loss on them (the double backward)."""
     n_mol, coord, nb, afv, pair_feat = aev_batch
     op, feat = _op(name, impl, coord, nb, afv, pair_feat)
-    c = coord.detach().requires_grad_(backward)
-    x = feat.detach().requires_grad_(backward)
-    grad_out = None
+    c = coord.detach().requires_grad_(mode in ("fwd_bwd", "force_training"))
+    x = feat.detach().requires_grad_(mode != "fwd")
 
     def fn():
-        nonlocal grad_out
         out = op(c, x)
-        if backward:
-            if grad_out is None:
-                grad_out = torch.randn_like(out)
-            torch.autograd.grad(out, (c, x), grad_out)
+        if mode == "fwd_bwd":
+            torch.autograd.grad(out, (c, x), out)
+        elif mode == "energy_training":
+            torch.autograd.grad(out, x, out)
+        elif mode == "force_training":
+            forces = -torch.autograd.grad(0.5 * out.square().sum(), c, create_graph=True)[0]
+            torch.autograd.grad(forces.square().sum(), (c, x))
         return out
 
     t = _timed(benchmark, fn)
     if t:
         benchmark.extra_info.update(molecules_per_s=n_mol / t)
-        FIGURES.append(f"{name} {impl} {'fwd+bwd' if backward else 'fwd'}: {t * 1e6:.0f} µs for "
+        FIGURES.append(f"{name} {impl} {mode}: {t * 1e6:.0f} µs for "
                        f"{n_mol} molecules ({coord.shape[0]} atoms, {nb.radial.shape[1]} pairs, "
                        f"{nb.triplets.shape[1]} triplets), {n_mol / t:,.0f} molecules/s")
 
@@ -101,16 +105,17 @@ def test_aev_accuracy_on_gpu(aev_batch, name):
 
 
 def test_aev_backward_is_deterministic(aev_batch):
-    """The backward has no atomics: two runs give bitwise equal gradients."""
+    """No atomics in the backward or the double backward: two runs give bitwise equal results."""
     from aimnet_fast.kernels import angular_contract, radial_contract
     _, coord, nb, afv, pair_feat = aev_batch
     runs = []
     for _ in range(2):
         c = coord.detach().requires_grad_()
         a, p = afv.detach().requires_grad_(), pair_feat.detach().requires_grad_()
-        e = radial_contract(c, nb.radial, a).sum() \
-            + angular_contract(c, nb.triplets, p, nb.triplet_pair).square().sum()
-        runs.append(torch.autograd.grad(e, (c, a, p)))
+        e = 0.5 * radial_contract(c, nb.radial, a).square().sum() \
+            + 0.5 * angular_contract(c, nb.triplets, p, nb.triplet_pair).square().sum()
+        grads = torch.autograd.grad(e, (c, a, p), create_graph=True)
+        runs.append((*grads, *torch.autograd.grad(grads[0].square().sum(), (c, a, p))))
     assert all(torch.equal(x, y) for x, y in zip(*runs))
 
 

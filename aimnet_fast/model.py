@@ -39,11 +39,14 @@ def elu_mlp(sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
 class AIMNet(nn.Module):
     def __init__(self, heads: Iterable[str] = ("energy", "elmoments", "volume"),
                  n_pass: int = N_PASS, elements: Sequence[int] = ELEMENTS,
-                 sae_Ha: Sequence[float] = SAE_HA, backend: str = "auto"):
+                 sae_Ha: Sequence[float] = SAE_HA, backend: str = "auto",
+                 precision: str = "ieee"):
         super().__init__()
         self.elements = tuple(int(z) for z in elements)
         self.n_pass = n_pass
         self.backend = backend
+        #: matrix-unit precision of the Triton MLP kernels: "ieee" (float32), "tf32" or "bf16"
+        self.precision = precision
         n_el = len(self.elements)
         self.afv_table = nn.Parameter(torch.empty(n_el, N_FEATURE))
         nn.init.orthogonal_(self.afv_table)
@@ -62,7 +65,10 @@ class AIMNet(nn.Module):
 
     # -- pieces ----------------------------------------------------------------------------------
     def mlp(self, layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
-        return ops.elu_mlp(x, layers, self.backend)
+        return ops.elu_mlp(x, layers, self.backend, self.precision)
+
+    def mlp_cat(self, layers: nn.Sequential, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return ops.elu_mlp_cat(x1, x2, layers, self.backend, self.precision)
 
     def pair_features(self, afv_j: torch.Tensor, afv_k: torch.Tensor) -> torch.Tensor:
         """p_jk = combine_mlp([a_j + a_k, a_j ⊙ a_k]) → (Q, 16)."""
@@ -73,7 +79,7 @@ class AIMNet(nn.Module):
         """Embedded AEV e_i (N, 256) from the features of every atom and every triplet pair."""
         x_r = ops.radial_contract(coord, nb.radial, afv, self.backend)
         x_a = ops.angular_contract(coord, nb.triplets, pair_feat, nb.triplet_pair, self.backend)
-        return self.mlp(self.embedding_mlp, torch.cat([x_r.flatten(1), x_a.flatten(1)], dim=1))
+        return self.mlp_cat(self.embedding_mlp, x_r.flatten(1), x_a.flatten(1))
 
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
         return self.species_table[numbers]
@@ -99,11 +105,11 @@ class AIMNet(nn.Module):
         aims = []
         for p in range(n_pass):
             if p > 0:
-                afv = afv + self.mlp(self.update_mlp, torch.cat([e, afv], dim=1))
+                afv = afv + self.mlp_cat(self.update_mlp, e, afv)
                 pair_feat = self.pair_features(afv[nb.pairs[0]], afv[nb.pairs[1]])
                 e = self.embed(coord, nb, afv, pair_feat)
             if all_passes or p == n_pass - 1:
-                aims.append(self.mlp(self.interact_mlp, torch.cat([e, afv], dim=1)))
+                aims.append(self.mlp_cat(self.interact_mlp, e, afv))
         return self.heads_output(torch.stack(aims), species, mol_idx, n_mol)
 
     def heads_output(self, aim: torch.Tensor, species: torch.Tensor, mol_idx: torch.Tensor,

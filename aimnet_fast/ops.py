@@ -49,7 +49,18 @@ def angular_contract(coord, triplets, pair_feat, triplet_pair, backend: str = "a
     return aev.angular_contract(coord, triplets, pair_feat, triplet_pair)
 
 
-def elu_mlp(x: torch.Tensor, layers: nn.Sequential, backend: str = "auto") -> torch.Tensor:
+def elu_mlp(x: torch.Tensor, layers: nn.Sequential, backend: str = "auto",
+            precision: str = "ieee") -> torch.Tensor:
+    """``precision`` ("ieee", "tf32", "bf16") applies to the Triton kernels; the reference path
+    always computes in the tensors' own dtype."""
     if _use_triton(backend, x):
-        return _kernels().elu_mlp(x, layers)
+        return _kernels().elu_mlp(x, layers, precision)
     return layers(x)
+
+
+def elu_mlp_cat(x1: torch.Tensor, x2: torch.Tensor, layers: nn.Sequential, backend: str = "auto",
+                precision: str = "ieee") -> torch.Tensor:
+    """``elu_mlp`` of [x1 ‖ x2]; the kernels read both parts in place instead of concatenating."""
+    if _use_triton(backend, x1):
+        return _kernels().elu_mlp_cat(x1, x2, layers, precision)
+    return layers(torch.cat([x1, x2], dim=1))

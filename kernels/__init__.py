@@ -16,6 +16,7 @@ _EXPORTS = {
     "radial_contract": "radial",
     "angular_contract": "angular",
     "elu_mlp": "mlp",
+    "elu_mlp_cat": "mlp",
     "neighbor_pairs": "neighbors",
 }
 

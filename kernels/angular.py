@@ -274,9 +274,9 @@ def angular_fwd_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, out_ptr, 
     for t0 in range(t_lo, t_hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < t_hi
-        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0)
-        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0)
-        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0)
+        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0).to(tl.int64)
+        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0).to(tl.int64)
+        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
         ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_t)
         g = _angular_g(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift)
         g = tl.where(mask_t[:, None], g, 0.0)
@@ -303,9 +303,9 @@ def angular_bwd_centre_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, go
     for t0 in range(t_lo, t_hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < t_hi
-        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0)
-        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0)
-        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0)
+        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0).to(tl.int64)
+        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0).to(tl.int64)
+        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
         h = tl.zeros((BLOCK_T, NC), dtype=gcentre_ptr.dtype.element_ty)
         for f0 in range(0, F, BLOCK_F):
             offs_f = f0 + tl.arange(0, BLOCK_F)
@@ -352,10 +352,10 @@ def angular_bwd_pair_kernel(coord_ptr, trip_ptr, order_ptr, start_ptr, gout_ptr,
     for s0 in range(lo, hi, BLOCK_T):
         offs_s = s0 + tl.arange(0, BLOCK_T)
         mask_s = offs_s < hi
-        t = tl.load(order_ptr + offs_s, mask=mask_s, other=0)
-        i = tl.load(trip_ptr + t, mask=mask_s, other=0)
-        j = tl.load(trip_ptr + T + t, mask=mask_s, other=0)
-        k = tl.load(trip_ptr + 2 * T + t, mask=mask_s, other=0)
+        t = tl.load(order_ptr + offs_s, mask=mask_s, other=0).to(tl.int64)
+        i = tl.load(trip_ptr + t, mask=mask_s, other=0).to(tl.int64)
+        j = tl.load(trip_ptr + T + t, mask=mask_s, other=0).to(tl.int64)
+        k = tl.load(trip_ptr + 2 * T + t, mask=mask_s, other=0).to(tl.int64)
         ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_s)
         if TANGENT:
             tax, tay, taz, tbx, tby, tbz, n1, n2 = _bond_vectors(v_ptr, i, j, k, mask_s)
@@ -384,7 +384,7 @@ def angular_bwd_gather_kernel(dv_ptr, gcentre_ptr, order_j_ptr, start_j_ptr, ord
     for s0 in range(lo, hi, BLOCK_T):
         offs_s = s0 + tl.arange(0, BLOCK_T)
         mask_s = offs_s < hi
-        t = tl.load(order_j_ptr + offs_s, mask=mask_s, other=0)
+        t = tl.load(order_j_ptr + offs_s, mask=mask_s, other=0).to(tl.int64)
         gx += tl.load(dv_ptr + t * 6 + 0, mask=mask_s, other=0.0)
         gy += tl.load(dv_ptr + t * 6 + 1, mask=mask_s, other=0.0)
         gz += tl.load(dv_ptr + t * 6 + 2, mask=mask_s, other=0.0)
@@ -393,7 +393,7 @@ def angular_bwd_gather_kernel(dv_ptr, gcentre_ptr, order_j_ptr, start_j_ptr, ord
     for s0 in range(lo, hi, BLOCK_T):
         offs_s = s0 + tl.arange(0, BLOCK_T)
         mask_s = offs_s < hi
-        t = tl.load(order_k_ptr + offs_s, mask=mask_s, other=0)
+        t = tl.load(order_k_ptr + offs_s, mask=mask_s, other=0).to(tl.int64)
         gx += tl.load(dv_ptr + t * 6 + 3, mask=mask_s, other=0.0)
         gy += tl.load(dv_ptr + t * 6 + 4, mask=mask_s, other=0.0)
         gz += tl.load(dv_ptr + t * 6 + 5, mask=mask_s, other=0.0)
@@ -423,9 +423,9 @@ def angular_bwd2_centre_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, u
     for t0 in range(t_lo, t_hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < t_hi
-        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0)
-        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0)
-        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0)
+        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0).to(tl.int64)
+        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0).to(tl.int64)
+        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
         h = tl.zeros((BLOCK_T, NC), dtype=gcentre_ptr.dtype.element_ty)
         kk = tl.zeros((BLOCK_T, NC), dtype=gcentre_ptr.dtype.element_ty)
         for f0 in range(0, F, BLOCK_F):
@@ -482,9 +482,9 @@ def angular_bwd2_gout_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, u_p
     for t0 in range(t_lo, t_hi, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < t_hi
-        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0)
-        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0)
-        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0)
+        j = tl.load(trip_ptr + T + offs_t, mask=mask_t, other=0).to(tl.int64)
+        k = tl.load(trip_ptr + 2 * T + offs_t, mask=mask_t, other=0).to(tl.int64)
+        q = tl.load(tp_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
         ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_t)
         tax, tay, taz, tbx, tby, tbz, n1, n2 = _bond_vectors(v_ptr, i, j, k, mask_t)
         g, dg = _angular_g_tangent(ax, ay, az, bx, by, bz, tax, tay, taz, tbx, tby, tbz, d1, d2,

@@ -84,7 +84,7 @@ def _radial_terms2(d):
 @triton.jit
 def _pair_geometry(coord_ptr, nbr_ptr, offs_p, mask_p, xi, yi, zi):
     """Neighbor indices j (P,), bond vector r_j − r_i (Å) and its length; padded lanes get d = 1."""
-    j = tl.load(nbr_ptr + offs_p, mask=mask_p, other=0)
+    j = tl.load(nbr_ptr + offs_p, mask=mask_p, other=0).to(tl.int64)
     dx = tl.load(coord_ptr + j * 3 + 0, mask=mask_p, other=0.0) - xi
     dy = tl.load(coord_ptr + j * 3 + 1, mask=mask_p, other=0.0) - yi
     dz = tl.load(coord_ptr + j * 3 + 2, mask=mask_p, other=0.0) - zi

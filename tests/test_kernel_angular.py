@@ -289,3 +289,15 @@ def test_double_backward_float32_against_float64_reference():
     for x, y in zip(got, want):
         assert x.dtype == torch.float32
         assert ((x.double() - y).norm() / y.norm()).item() < 1e-5
+
+
+def test_int32_indices():
+    coord, nb = _batch([6], seed=13, box_A=2.3)
+    c = coord.to(DEVICE).requires_grad_()
+    pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64, device=DEVICE)
+    trip, tp = nb.triplets.to(DEVICE), nb.triplet_pair.to(DEVICE)
+    out = angular.angular_contract(c, trip.int(), pair_feat, tp.int())
+    ref = aev.angular_contract(c, trip, pair_feat, tp)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
+    torch.testing.assert_close(torch.autograd.grad(out.square().sum(), c)[0],
+                               torch.autograd.grad(ref.square().sum(), c)[0], rtol=0, atol=1e-11)

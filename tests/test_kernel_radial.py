@@ -243,3 +243,14 @@ def test_double_backward_float32_against_float64_reference():
     for x, y in zip(got, want):
         assert x.dtype == torch.float32
         assert ((x.double() - y).norm() / y.norm()).item() < 1e-5
+
+
+def test_int32_pairs():
+    coord, _, pairs = _batch([7], seed=13, box_A=3.0)
+    c = coord.to(DEVICE).requires_grad_()
+    afv = torch.randn(7, 16, dtype=torch.float64, device=DEVICE)
+    out = radial.radial_contract(c, pairs.int().to(DEVICE), afv)
+    ref = aev.radial_contract(c, pairs.to(DEVICE), afv)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), c)[0],
+                               torch.autograd.grad(ref.sum(), c)[0], rtol=0, atol=1e-12)

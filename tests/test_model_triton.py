@@ -1,0 +1,45 @@
+"""The whole model on the Triton backend (interpreted on the CPU) reproduces the original outputs
+like the reference path does, and agrees with the reference path in float64."""
+import copy
+
+import pytest
+import torch
+
+from aimnet_fast.batch import Batch
+
+pytest.importorskip("triton")
+
+from test_reference_outputs import check, predict  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def triton_cv0(released_models):
+    m = copy.deepcopy(released_models[0])
+    m.backend = "triton"
+    return m
+
+
+def test_triton_backend_reproduces_original_outputs(triton_cv0, reference_molecules):
+    got = predict(triton_cv0, reference_molecules)
+    for g, m in zip(got, reference_molecules):
+        check(g, m["models"][0])
+
+
+def test_triton_backend_equals_reference_in_float64(triton_cv0, released_models,
+                                                    reference_molecules):
+    mols = reference_molecules[:3] + reference_molecules[-2:]
+    b = Batch.from_molecules([(m["numbers"], m["coord_A"]) for m in mols], dtype=torch.float64)
+    outs = {}
+    for name, model in (("triton", triton_cv0), ("torch", released_models[0])):
+        m = copy.deepcopy(model).double()
+        c = b.coord.clone().requires_grad_(True)
+        out = m(b.numbers, c, b.mol_idx, b.n_mol)
+        loss = (out["passes"]["energy"].sum() + out["passes"]["elmoments"].square().sum()
+                + out["passes"]["volumes"].sum())
+        grads = torch.autograd.grad(loss, [c] + list(m.parameters()))
+        outs[name] = (out, grads)
+    (ot, gt), (orf, gr) = outs["triton"], outs["torch"]
+    for key in ("energy", "charges", "elmoments", "volumes"):
+        torch.testing.assert_close(ot["passes"][key], orf["passes"][key], atol=1e-9, rtol=1e-9)
+    for a, r in zip(gt, gr):
+        torch.testing.assert_close(a, r, atol=1e-8, rtol=1e-8)

@@ -13,6 +13,12 @@ except Exception:  # pragma: no cover
 if not _cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread unless asked otherwise: on a small shared machine two OpenMP threads that
+# wait on each other's barriers turn a 20 ms operation into 1 s whenever another process runs,
+# which no number of rounds averages away. Single-thread figures are also comparable across
+# machines with different core counts.
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AIMNET_FAST_SHARED", REPO.parent / "shared"))
 

@@ -365,6 +365,8 @@ class Trainer:
         self._elapsed_base = 0.0
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        if self.dist.device.type == "cpu" and cfg.flush_denormal:
+            torch.set_flush_denormal(True)
         self.dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
         self.run_dir = self._run_dir()
         self.ckpt_last = self.run_dir / "last.pt"

@@ -29,14 +29,17 @@ def setup(rank: int, world: int, n_pass: int):
     from aimnet_fast.model import AIMNet
     from aimnet_fast.train import Dist, make_optimizer, place
     torch.set_num_threads(max(1, CORES // world))
+    torch.set_flush_denormal(True)  # as the trainer does on the CPU
     ds = D.load_dataset(D.default_sources())
     sampler = D.BatchSampler(ds, None, mols_per_batch=MOLS, seed=0, rank=rank, world_size=world)
     batch = D.collate(ds, next(iter(sampler)))
     torch.manual_seed(0)
     model = place(AIMNet(backend="torch"), torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        model.sae_Ha.copy_(torch.as_tensor(D.fit_sae(ds)))
     ddp = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=n_pass == 1)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     opt, desc = make_optimizer(model.parameters(), OptimConfig(), torch.device("cpu"))
     return ddp, opt, batch, Dist(rank=rank, world_size=world), desc
 

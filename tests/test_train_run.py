@@ -153,3 +153,15 @@ def test_torchrun_two_gloo_ranks(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert len(rows) == 2 and all(np.isfinite(float(r["val_loss"])) for r in rows)
     load_model(tmp_path / "run" / "last.pt")
+
+
+def test_forces_term_trains(tmp_path):
+    """loss.forces=true: −dE/dR of the last pass enters the loss (double backward) and the
+    validation reports force errors; the default data has GFN2 forces."""
+    cfg = cfg_for(tmp_path, "loss.forces=true", "max_steps_per_epoch=3",
+                  "curriculum=[{n_pass: 1, epochs: 2}]", "plot=false")
+    trainer = T.Trainer(cfg)
+    assert trainer.targets == ["energy", "charges", "forces"]
+    row = trainer.fit()
+    assert float(row["val_forces_mae_last"]) > 0 and np.isfinite(float(row["val_loss"]))
+    assert trainer.state["bad_steps"] == 0

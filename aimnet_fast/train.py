@@ -728,7 +728,7 @@ def parse_args(argv, prog: str = "python -m aimnet_fast.train") -> C.TrainConfig
                "torchrun --nproc_per_node=N -m aimnet_fast.train [CONFIG] [key=value ...]")
     ap.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value")
     ap.add_argument("--resume", action="store_true", help="continue the run in run_dir from last.pt")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     files = [x for x in a.items if "=" not in x]
     overrides = [x for x in a.items if "=" in x]
     if len(files) > 1:

@@ -55,3 +55,15 @@ def test_invalid_values():
         load_config(None, ["optim.name=sgd"])
     with pytest.raises(ConfigError, match="loss.targets"):
         load_config(None, ["loss.targets=[energy, dipoles]"])
+
+
+def test_command_line_resume_uses_the_runs_config(tmp_path):
+    from aimnet_fast.train import parse_args
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = load_config(None, ["data.mols_per_batch=7", f"run_dir={run}"])
+    (run / "config.yaml").write_text(dump_yaml(saved))
+    cfg = parse_args([f"run_dir={run}", "--resume", "curriculum.1.epochs=9"])
+    assert cfg.resume and cfg.data.mols_per_batch == 7 and cfg.curriculum[1].epochs == 9
+    cfg = parse_args(["optim.lr=2e-4"])
+    assert not cfg.resume and cfg.optim.lr == 2e-4

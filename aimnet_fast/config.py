@@ -171,8 +171,10 @@ def _convert(value: Any, tp, key: str, item_type=None):
         if tp is bool:
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-                return value.lower() in ("true", "yes", "on", "1")
+            words = {"true": True, "yes": True, "on": True, "1": True,
+                     "false": False, "no": False, "off": False, "0": False}
+            if isinstance(value, str) and value.lower() in words:
+                return words[value.lower()]
             raise ValueError
         if tp is int:
             if isinstance(value, bool):

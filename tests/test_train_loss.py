@@ -17,7 +17,8 @@ def synthetic(seed=0, T=3, sizes=(3, 5, 2, 7)):
              "mol_idx": torch.repeat_interleave(torch.arange(M), n_atoms),
              "energy": -40 * n_atoms.double() + 0.01 * torch.randn(M, generator=g, dtype=torch.float64),
              "energy_mask": torch.tensor([True, False, True, True])[:M],
-             "charges": 0.3 * torch.randn(N, generator=g), "charges_mask": torch.rand(N, generator=g) > 0.3,
+             "charges": 0.3 * torch.randn(N, generator=g),
+             "charges_mask": torch.rand(N, generator=g) > 0.3,
              "volumes": 20 + 5 * torch.randn(N, generator=g), "volumes_mask": torch.ones(N, dtype=torch.bool)}
     for k in ("energy", "charges", "volumes"):
         batch[k] = torch.where(batch[f"{k}_mask"], batch[k], torch.zeros((), dtype=batch[k].dtype))

@@ -569,6 +569,29 @@ class Trainer:
     def collate(self, idx) -> dict:
         return to_device(self.D.collate(self.ds, idx), self.dist.device, self.dtype)
 
+    def batches(self, it, n: int, prefetch: Optional[bool] = None):
+        """The batches of the next ``n`` index arrays of ``it``, on the device. With ``prefetch``
+        (default: on CUDA) the next batch is assembled by a background thread (in pinned memory on
+        CUDA) while the current step runs."""
+        cuda = self.dist.device.type == "cuda"
+        if not (cuda if prefetch is None else prefetch):
+            for _ in range(n):
+                yield self.collate(next(it))
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        def load(idx):
+            return {k: v.pin_memory() if cuda and isinstance(v, torch.Tensor) else v
+                    for k, v in self.D.collate(self.ds, idx).items()}
+
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(load, next(it)) if n else None
+            for k in range(n):
+                batch = pending.result()
+                if k + 1 < n:
+                    pending = pool.submit(load, next(it))
+                yield to_device(batch, self.dist.device, self.dtype)
+
     def validate(self, n_pass: int) -> dict:
         m = Metrics(self.targets, n_pass, self.cfg.loss, device=self.dist.device)
         need_forces = "forces" in self.targets
@@ -580,9 +603,9 @@ class Trainer:
         m.sums = self.dist.all_reduce_sum(m.sums)
         return m.summary()
 
-    def train_epoch(self, ph: C.PhaseConfig) -> bool:
-        """Train one epoch (or the rest of one); False if it was cut short by ``max_steps_per_epoch``
-        == 0. Checkpoints every ``checkpoint_every`` steps."""
+    def train_epoch(self, ph: C.PhaseConfig) -> None:
+        """Train one epoch (or the rest of one after a resume, or ``max_steps_per_epoch`` steps);
+        ``last.pt`` every ``checkpoint_every`` steps."""
         cfg, st = self.cfg, self.state
         self.train_sampler.set_epoch(st["global_epoch"])
         n_steps = len(self.train_sampler)
@@ -592,9 +615,7 @@ class Trainer:
         for _ in range(st["step"]):  # resume mid-epoch: the epoch's order is fixed by set_epoch
             next(it)
         t_last, mols = time.time(), 0
-        while st["step"] < n_steps:
-            idx = next(it)
-            batch = self.collate(idx)
+        for batch in self.batches(it, n_steps - st["step"]):
             res = train_step(self.ddp, self.optimizer, batch, cfg.loss, self.targets, ph.n_pass,
                              self.dist, cfg.optim.grad_clip)
             st["step"] += 1
@@ -627,7 +648,6 @@ class Trainer:
             if (cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0 and st["step"] < n_steps
                     and st["consecutive_bad"] == 0):  # keep the last good checkpoint good
                 self.save()
-        return True
 
     def end_epoch(self, ph: C.PhaseConfig) -> None:
         st = self.state

@@ -169,3 +169,15 @@ def test_forces_term_trains(tmp_path):
     row = trainer.fit()
     assert float(row["val_forces_mae_last"]) > 0 and np.isfinite(float(row["val_loss"]))
     assert trainer.state["bad_steps"] == 0
+
+
+def test_prefetched_batches_are_the_same(tmp_path):
+    """The background-thread batch assembly (used on CUDA) yields exactly the plain batches."""
+    trainer = T.Trainer(cfg_for(tmp_path, "plot=false"))
+    trainer.train_sampler.set_epoch(0)
+    plain = list(trainer.batches(iter(trainer.train_sampler), 4, prefetch=False))
+    trainer.train_sampler.set_epoch(0)
+    ahead = list(trainer.batches(iter(trainer.train_sampler), 4, prefetch=True))
+    assert len(plain) == len(ahead) == 4
+    for a, b in zip(plain, ahead):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -771,10 +771,11 @@ def main(argv=None, prog: str = "python -m aimnet_fast.train") -> int:
     except C.ConfigError as e:
         print(f"{prog}: config error: {e}", file=sys.stderr)
         return 2
+    from .data import DataError
     dist = setup_distributed(cfg.device)
     try:
         run(cfg, dist)
-    except TrainingError as e:
+    except (TrainingError, DataError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -30,6 +30,7 @@ import torch
 
 from .batch import Batch, InputError
 from .checkpoint import CheckpointError, load_model
+from .cpu import tune_allocator
 from .io import Frame, chunk_frames, frames_to_batch, read_xyz
 from .model import AIMNet
 
@@ -220,6 +221,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m aimnet_fast.p
         print(f"{prog}: error: --batch-atoms must be positive", file=sys.stderr)
         return 2
     paths = [args.model, *args.ensemble]
+    if args.device == "cpu":
+        tune_allocator()
     try:
         models = load_models(paths, args.device, args.backend)
         frames = read_xyz(args.input)

@@ -52,6 +52,7 @@ from torch import nn
 
 from . import config as C
 from .checkpoint import checkpoint_dict, load_model, save_atomic
+from .cpu import tune_allocator
 from .loss import Metrics, USER_UNITS, active_targets, loss_fn, predicted_forces
 from .model import AIMNet
 
@@ -367,6 +368,8 @@ class Trainer:
             torch.set_num_threads(cfg.num_threads)
         if self.dist.device.type == "cpu" and cfg.flush_denormal:
             torch.set_flush_denormal(True)
+        if self.dist.device.type == "cpu":
+            tune_allocator()
         self.dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
         self.run_dir = self._run_dir()
         self.ckpt_last = self.run_dir / "last.pt"

@@ -18,6 +18,12 @@ if not _cuda:
 # which no number of rounds averages away. Single-thread figures are also comparable across
 # machines with different core counts.
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+# As the trainer does on the CPU: without it, glibc mmaps and page-faults every large activation
+# buffer afresh each step, which made figures vary by 20 % between processes.
+from aimnet_fast.cpu import tune_allocator  # noqa: E402
+
+tune_allocator()
+torch.set_flush_denormal(True)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AIMNET_FAST_SHARED", REPO.parent / "shared"))
@@ -62,6 +68,7 @@ def pytest_addoption(parser):
     g.addoption("--guard-threshold", type=float, default=None,
                 help="allowed slowdown before a guarded benchmark fails (fraction, default 0.07)")
     g.addoption("--guard-off", action="store_true", help="measure and report, never fail")
+    g.addoption("--guard-record", default=None, help="write this run's ratios to this JSON file")
 
 
 _GUARD = None
@@ -83,6 +90,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     terminalreporter.section(f"throughput guard ({_GUARD.machine})")
     terminalreporter.write_line(_GUARD.report())
+    if config.getoption("--guard-record"):
+        _GUARD.write_record(config.getoption("--guard-record"))
     if _GUARD.update:
         path = _GUARD.write_baseline()
         terminalreporter.write_line(f"baseline written: {path}")

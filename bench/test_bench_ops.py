@@ -32,7 +32,7 @@ def features(batch, nb):
 
 def test_neighbor_search(benchmark, guard, batch):
     guard.measure(benchmark, "reference.neighbors", lambda: build_neighbors(batch.coord, batch.mol_idx),
-                  rounds=15)
+                  rounds=25, inner=4)
 
 
 def test_aev_forward(benchmark, guard, batch, nb, features):
@@ -43,7 +43,7 @@ def test_aev_forward(benchmark, guard, batch, nb, features):
             aev.radial_contract(batch.coord, nb.radial, afv)
             aev.angular_contract(batch.coord, nb.triplets, pf, nb.triplet_pair)
 
-    guard.measure(benchmark, "reference.aev_forward", run, rounds=15)
+    guard.measure(benchmark, "reference.aev_forward", run, rounds=25)
 
 
 def test_aev_backward(benchmark, guard, batch, nb, features):
@@ -59,7 +59,7 @@ def test_aev_backward(benchmark, guard, batch, nb, features):
         x_a = aev.angular_contract(c, nb.triplets, pf, nb.triplet_pair)
         ((x_r * w_r).sum() + (x_a * w_a).sum()).backward()
 
-    guard.measure(benchmark, "reference.aev_backward", run, rounds=15)
+    guard.measure(benchmark, "reference.aev_backward", run, rounds=25)
 
 
 def test_elu_mlp_stack(benchmark, guard, released_model, batch):

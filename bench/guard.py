@@ -133,6 +133,21 @@ class Guard:
         self.judge(name, ratio)
         return result
 
+    def measure_cuda(self, benchmark, fn, rounds: int = 20, inner: int = 5):
+        """GPU benchmarks: one untimed call (compilation, autotuning), then ``rounds`` rounds of
+        ``inner`` synchronized calls, judged like the CPU ones under the name
+        ``gpu.<test name>``. Returns the median time of one call (s), None when disabled."""
+        import torch
+
+        def one():
+            fn()
+            torch.cuda.synchronize()
+
+        one()
+        self.measure(benchmark, f"gpu.{benchmark.name}", one, rounds=rounds, device="cuda",
+                     inner=inner, warmup_rounds=2)
+        return None if benchmark.disabled else benchmark.stats.stats.median / inner
+
     def judge(self, name: str, ratio: float) -> None:
         ref = (self.baseline or {}).get("benchmarks", {}).get(name)
         if ref is None:

@@ -16,14 +16,6 @@ N_FEAT = 16
 FIGURES: list[str] = []
 
 
-def _timed(benchmark, fn):
-    def run():
-        fn()
-        torch.cuda.synchronize()
-    fn()  # compile outside the timing
-    torch.cuda.synchronize()
-    benchmark.pedantic(run, rounds=20, iterations=5, warmup_rounds=2)
-    return benchmark.stats.stats.median / 5 if not benchmark.disabled else None
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def _op(name, impl, coord, nb, afv, pair_feat):
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd", "energy_training", "force_training"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("name", ["radial", "angular"])
-def test_aev_contraction(benchmark, aev_batch, name, impl, mode):
+def test_aev_contraction(benchmark, guard, aev_batch, name, impl, mode):
     """fwd: forward only; fwd_bwd: both gradients; energy_training: the feature gradient only
     (coordinates need none); force_training: forces with create_graph, then the gradient of a
     loss on them (the double backward)."""
@@ -76,7 +68,7 @@ def test_aev_contraction(benchmark, aev_batch, name, impl, mode):
             torch.autograd.grad(forces.square().sum(), (c, x))
         return out
 
-    t = _timed(benchmark, fn)
+    t = guard.measure_cuda(benchmark, fn)
     if t:
         benchmark.extra_info.update(molecules_per_s=n_mol / t)
         FIGURES.append(f"{name} {impl} {mode}: {t * 1e6:.0f} µs for "

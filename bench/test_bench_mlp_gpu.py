@@ -22,15 +22,6 @@ def _flops(sizes, rows, backward):
     return fwd * (3 if backward else 1)
 
 
-def _timed(benchmark, fn):
-    def run():
-        fn()
-        torch.cuda.synchronize()
-    fn()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    benchmark.pedantic(run, rounds=20, iterations=5, warmup_rounds=2)
-    # pytest-benchmark already divides each round by its iterations
-    return benchmark.stats.stats.median if not benchmark.disabled else None
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +34,7 @@ def embedding():
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("impl", ["torch", "ieee", "tf32", "bf16"])
-def test_embedding_mlp(benchmark, embedding, impl, backward):
+def test_embedding_mlp(benchmark, guard, embedding, impl, backward):
     from aimnet_fast.kernels import elu_mlp
     net, x = embedding
     x = x.detach().requires_grad_(backward)
@@ -54,7 +45,7 @@ def test_embedding_mlp(benchmark, embedding, impl, backward):
             out.sum().backward()
         return out
 
-    t = _timed(benchmark, fn)
+    t = guard.measure_cuda(benchmark, fn)
     if t:
         tflops = _flops(EMBEDDING, ROWS, backward) / t / 1e12
         benchmark.extra_info.update(rows_per_s=ROWS / t, tflops=tflops)
@@ -79,7 +70,7 @@ def test_embedding_mlp_accuracy_on_gpu(precision, embedding):
 
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
-def test_neighbor_pairs(benchmark, impl, s66x8_molecules):
+def test_neighbor_pairs(benchmark, guard, impl, s66x8_molecules):
     """All 528 S66x8 conformers (6–34 atoms) in one batch, radial cutoff 4.6 Å."""
     from aimnet_fast.kernels import neighbors as nb
     from aimnet_fast.neighbors import neighbor_pairs
@@ -94,7 +85,7 @@ def test_neighbor_pairs(benchmark, impl, s66x8_molecules):
         fn = lambda: neighbor_pairs(coord, mol_idx, 4.6)  # noqa: E731
     else:
         fn = lambda: nb.neighbor_pairs_padded(coord, offsets, 4.6, cap, max_atoms)  # noqa: E731
-    t = _timed(benchmark, fn)
+    t = guard.measure_cuda(benchmark, fn)
     pairs, n, over = nb.neighbor_pairs_padded(coord, offsets, 4.6, cap, max_atoms)
     assert not bool(over)
     assert torch.equal(pairs[:, :int(n)], neighbor_pairs(coord, mol_idx, 4.6))

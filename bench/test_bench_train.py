@@ -6,8 +6,9 @@ in molecules/s of the global batch, for 1, 2 and 4 gloo ranks on the CPU and T =
 The benchmark's own process is rank 0; ranks 1.. are spawned and take the same steps in lockstep
 (every step starts with a broadcast from rank 0). Each rank holds a fixed batch of
 BENCH_TRAIN_MOLS (default 16) molecules of the embedded default data set (GFN2-xTB, 3–20 atoms),
-so the global batch grows with the ranks. Threads per rank: max(1, cores // ranks), one for a single rank (the guarded case); with more
-ranks than cores the ranks share cores, which this measures honestly rather than hides.
+so the global batch grows with the ranks. Threads per rank: max(1, cores // ranks), and one for a
+single rank (the guarded case); with more ranks than cores the ranks share cores, which this
+measures honestly rather than hides.
 """
 from __future__ import annotations
 

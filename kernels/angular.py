@@ -151,6 +151,20 @@ def _angular_vjp(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift, h):
 
 
 @triton.jit
+def _store_bond_grads(dv_ptr, offs_t, mask_t, gax, gay, gaz, gbx, gby, gbz):
+    """Write the gradients wrt the two bond vectors a = r_j − r_i, b = r_k − r_i to dv (T, 6) and
+    return their sum per component, which the centre atom i receives with a minus sign."""
+    tl.store(dv_ptr + offs_t * 6 + 0, gax, mask=mask_t)
+    tl.store(dv_ptr + offs_t * 6 + 1, gay, mask=mask_t)
+    tl.store(dv_ptr + offs_t * 6 + 2, gaz, mask=mask_t)
+    tl.store(dv_ptr + offs_t * 6 + 3, gbx, mask=mask_t)
+    tl.store(dv_ptr + offs_t * 6 + 4, gby, mask=mask_t)
+    tl.store(dv_ptr + offs_t * 6 + 5, gbz, mask=mask_t)
+    return (tl.where(mask_t, gax + gbx, 0.0), tl.where(mask_t, gay + gby, 0.0),
+            tl.where(mask_t, gaz + gbz, 0.0))
+
+
+@triton.jit
 def _angular_g_tangent(ax, ay, az, bx, by, bz, tax, tay, taz, tbx, tby, tbz, d1, d2, cz, sz,
                        shift):
     """g_a (T, 32) and its directional derivative D = ∇g_a · (t_ij, t_ik) along bond-vector
@@ -319,15 +333,10 @@ def angular_bwd_centre_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, go
         ax, ay, az, bx, by, bz, d1, d2 = _bond_vectors(coord_ptr, i, j, k, mask_t)
         gax, gay, gaz, gbx, gby, gbz = _angular_vjp(ax, ay, az, bx, by, bz, d1, d2, cz, sz, shift,
                                                     h)
-        tl.store(dv_ptr + offs_t * 6 + 0, gax, mask=mask_t)
-        tl.store(dv_ptr + offs_t * 6 + 1, gay, mask=mask_t)
-        tl.store(dv_ptr + offs_t * 6 + 2, gaz, mask=mask_t)
-        tl.store(dv_ptr + offs_t * 6 + 3, gbx, mask=mask_t)
-        tl.store(dv_ptr + offs_t * 6 + 4, gby, mask=mask_t)
-        tl.store(dv_ptr + offs_t * 6 + 5, gbz, mask=mask_t)
-        gx -= tl.where(mask_t, gax + gbx, 0.0)
-        gy -= tl.where(mask_t, gay + gby, 0.0)
-        gz -= tl.where(mask_t, gaz + gbz, 0.0)
+        cx, cy, cz_ = _store_bond_grads(dv_ptr, offs_t, mask_t, gax, gay, gaz, gbx, gby, gbz)
+        gx -= cx
+        gy -= cy
+        gz -= cz_
     tl.store(gcentre_ptr + i * 3 + 0, tl.sum(gx, axis=0))
     tl.store(gcentre_ptr + i * 3 + 1, tl.sum(gy, axis=0))
     tl.store(gcentre_ptr + i * 3 + 2, tl.sum(gz, axis=0))
@@ -453,15 +462,10 @@ def angular_bwd2_centre_kernel(coord_ptr, trip_ptr, tp_ptr, start_ptr, pf_ptr, u
         gbx = kbx + hbx
         gby = kby + hby
         gbz = kbz + hbz
-        tl.store(dv_ptr + offs_t * 6 + 0, gax, mask=mask_t)
-        tl.store(dv_ptr + offs_t * 6 + 1, gay, mask=mask_t)
-        tl.store(dv_ptr + offs_t * 6 + 2, gaz, mask=mask_t)
-        tl.store(dv_ptr + offs_t * 6 + 3, gbx, mask=mask_t)
-        tl.store(dv_ptr + offs_t * 6 + 4, gby, mask=mask_t)
-        tl.store(dv_ptr + offs_t * 6 + 5, gbz, mask=mask_t)
-        gx -= tl.where(mask_t, gax + gbx, 0.0)
-        gy -= tl.where(mask_t, gay + gby, 0.0)
-        gz -= tl.where(mask_t, gaz + gbz, 0.0)
+        cx, cy, cz_ = _store_bond_grads(dv_ptr, offs_t, mask_t, gax, gay, gaz, gbx, gby, gbz)
+        gx -= cx
+        gy -= cy
+        gz -= cz_
     tl.store(gcentre_ptr + i * 3 + 0, tl.sum(gx, axis=0))
     tl.store(gcentre_ptr + i * 3 + 1, tl.sum(gy, axis=0))
     tl.store(gcentre_ptr + i * 3 + 2, tl.sum(gz, axis=0))

@@ -23,12 +23,7 @@ common = pytest.importorskip("aimnet_fast.kernels._aev_common")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def poisoned(monkeypatch):
-    """Every buffer the launch functions allocate starts as NaN."""
-    def empty(shape, like):
-        return torch.full(tuple(shape), float("nan"), dtype=like.dtype, device=like.device)
-    monkeypatch.setattr(common, "empty", empty)
+pytestmark = pytest.mark.usefixtures("poisoned_aev_buffers")
 
 
 def _batch(sizes, seed, box_A=2.6, far=()):

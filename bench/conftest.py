@@ -68,7 +68,29 @@ def pytest_addoption(parser):
     g.addoption("--guard-threshold", type=float, default=None,
                 help="allowed slowdown before a guarded benchmark fails (fraction, default 0.07)")
     g.addoption("--guard-off", action="store_true", help="measure and report, never fail")
-    g.addoption("--guard-record", default=None, help="write this run's ratios to this JSON file")
+    g.addoption("--guard-record", default=None, help="write this run's figures to this JSON file")
+    g.addoption("--guard-no-confirm", action="store_true",
+                help="fail on the first measurement, without re-measuring in a fresh process")
+    g.addoption("--guard-no-icount", action="store_true", help="skip the instruction counts")
+    g.addoption("--guard-icount-k", default=None, metavar="EXPR",
+                help="count only the benchmarks that pytest's -k EXPR selects")
+
+
+def pytest_collection_modifyitems(config, items):
+    """In the callgrind children (bench/icount.py) only the guarded one-process CPU benchmarks run,
+    and cost per atom up to 300 atoms (larger clusters only repeat the same work, at minutes each)."""
+    import icount
+    if not icount.in_child():
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        guarded = ("guard" in getattr(item, "fixturenames", ()) and params.get("world", 1) == 1
+                   and params.get("n_water", 0) <= 100)
+        (keep if guarded and "instruction" not in item.name else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 _GUARD = None
@@ -81,12 +103,13 @@ def guard(request):
     thr = request.config.getoption("--guard-threshold")
     _GUARD = Guard(update=request.config.getoption("--guard-update"),
                    threshold=DEFAULT_THRESHOLD if thr is None else thr,
-                   off=request.config.getoption("--guard-off"))
+                   off=request.config.getoption("--guard-off"),
+                   confirm=not request.config.getoption("--guard-no-confirm"))
     return _GUARD
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if _GUARD is None or not _GUARD.results:
+    if _GUARD is None or not (_GUARD.results or _GUARD.icounts):
         return
     terminalreporter.section(f"throughput guard ({_GUARD.machine})")
     terminalreporter.write_line(_GUARD.report())

@@ -77,10 +77,13 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """In the callgrind children (bench/icount.py) only the guarded one-process CPU benchmarks run,
-    and cost per atom up to 300 atoms (larger clusters only repeat the same work, at minutes each)."""
+    """The instruction counts go last: their two callgrind children keep both cores busy for
+    minutes, and no timed benchmark should follow them. In the callgrind children
+    (bench/icount.py) only the guarded one-process CPU benchmarks run, and cost per atom up to 300
+    atoms (larger clusters only repeat the same work, at minutes each)."""
     import icount
     if not icount.in_child():
+        items.sort(key=lambda item: item.name == "test_instruction_counts")  # stable
         return
     keep, drop = [], []
     for item in items:

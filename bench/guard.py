@@ -266,13 +266,24 @@ class Guard:
 
     # -- baselines and records ------------------------------------------------------------------
     @staticmethod
-    def _summarise(runs: list[dict], key: str) -> dict:
-        """name → {key: median over runs, spread: max/min − 1, runs: how many}."""
+    def spread(values: list[float]) -> float:
+        """Run-to-run spread, max / min − 1; from five runs on, of the runs left after dropping the
+        fastest and the slowest. A single odd process must not widen a limit for good: at check
+        time it is caught by the re-measurement in a fresh process instead."""
+        r = sorted(values)
+        if len(r) >= 5:
+            r = r[1:-1]
+        return r[-1] / r[0] - 1.0
+
+    @classmethod
+    def _summarise(cls, runs: list[dict], key: str) -> dict:
+        """name → {key: median over runs, spread, runs: how many, all: every run's value}."""
         out = {}
         for name in sorted(set().union(*runs)):
             r = sorted(run[name] for run in runs if name in run)
             mid = r[len(r) // 2] if len(r) % 2 else 0.5 * (r[len(r) // 2 - 1] + r[len(r) // 2])
-            out[name] = {key: mid, "spread": r[-1] / r[0] - 1.0, "runs": len(r)}
+            out[name] = {key: mid, "spread": cls.spread(r), "runs": len(r),
+                         "all": [round(run[name], 5) for run in runs if name in run]}
         return out
 
     def write_baseline(self, runs: list[dict] | None = None,
@@ -280,7 +291,8 @@ class Guard:
         """Write the baseline of this machine class: the median ratio over ``runs`` (each a
         name → ratio dict; default this run alone) and the median instruction count over
         ``icount_runs`` (name → count; default this run's, if it counted), each with its run-to-run
-        spread (max / min − 1). A section with no new runs keeps its committed figures."""
+        spread (``Guard.spread``) and every run's figure. A section with no new runs keeps its
+        committed figures."""
         runs = runs if runs is not None else (
             [{k: v["ratio"] for k, v in self.results.items()}] if self.results else [])
         icount_runs = icount_runs if icount_runs is not None else (
@@ -289,7 +301,7 @@ class Guard:
         data = {"machine": self.machine, **versions(), "date": _dt.date.today().isoformat(),
                 "threshold": self.threshold, "icount_threshold": ICOUNT_THRESHOLD,
                 "benchmarks": self._summarise(runs, "ratio") if runs else old.get("benchmarks", {}),
-                "instructions": ({k: {**v, "count": int(v["count"])}
+                "instructions": ({k: {**v, "count": int(v["count"]), "all": [int(x) for x in v["all"]]}
                                   for k, v in self._summarise(icount_runs, "count").items()}
                                  if icount_runs else old.get("instructions", {}))}
         BASELINE_DIR.mkdir(exist_ok=True)

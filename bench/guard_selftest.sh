@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Shows that the guard catches a real slowdown and passes again once it is gone:
+# Shows that both halves of the guard catch a real slowdown and pass again once it is gone:
 # bench/slowdown.patch sorts (and so copies) the neighbor candidates once more before the distance
 # filter, ≈ 10 % more time in the reference neighbor search. Run from the repository root on a
-# clean tree of the machine class the baseline was recorded on.
+# clean tree of the machine class the baseline was recorded on (about 3 minutes).
 set -u
-run() { python -m pytest bench/test_bench_ops.py -q -p no:cacheprovider -k neighbor_search 2>&1 \
-        | grep -E "regression in|reference.neighbors|passed|failed"; }
-echo "== unchanged tree (expect: passed)"; run
+show() { grep -E "regression in|reference.neighbors|passed|failed|skipped" | cut -c1-400; }
+run() {
+  echo "-- time: pytest bench/test_bench_ops.py -k neighbor_search"
+  python -m pytest bench/test_bench_ops.py -q -p no:cacheprovider -k neighbor_search 2>&1 | show
+  echo "-- instructions: pytest bench/test_bench_instructions.py --guard-icount-k neighbor_search"
+  python -m pytest bench/test_bench_instructions.py -q -p no:cacheprovider \
+    --guard-icount-k neighbor_search 2>&1 | show
+}
+git diff --quiet -- aimnet_fast/neighbors.py || { echo "aimnet_fast/neighbors.py has local changes"; exit 1; }
+echo "== unchanged tree (expect: passed, passed)"; run
 git apply bench/slowdown.patch || exit 1
-echo "== with bench/slowdown.patch (expect: failed, naming reference.neighbors)"; run
-git apply -R bench/slowdown.patch
-echo "== patch removed (expect: passed)"; run
+trap 'git apply -R bench/slowdown.patch' EXIT
+echo "== with bench/slowdown.patch (expect: failed, failed, each naming reference.neighbors)"; run
+git apply -R bench/slowdown.patch && trap - EXIT
+echo "== patch removed (expect: passed, passed)"; run

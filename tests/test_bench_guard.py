@@ -84,15 +84,22 @@ def test_write_baseline_keeps_the_other_section(baseline_dir):
     g = G.Guard(update=True, threshold=0.07, off=True)
     path = g.write_baseline([{"a": 1.0, "b": 4.0}, {"a": 3.0, "b": 5.0}, {"a": 2.0}], [])
     data = json.loads(path.read_text())
-    assert data["benchmarks"]["a"] == {"ratio": 2.0, "spread": 2.0, "runs": 3}
-    assert data["benchmarks"]["b"] == {"ratio": 4.5, "spread": 0.25, "runs": 2}
+    assert data["benchmarks"]["a"] == {"ratio": 2.0, "spread": 2.0, "runs": 3, "all": [1.0, 3.0, 2.0]}
+    assert data["benchmarks"]["b"] == {"ratio": 4.5, "spread": 0.25, "runs": 2, "all": [4.0, 5.0]}
     assert data["instructions"] == {}
     assert data["torch"] and data["numpy"] and data["date"]
     # Counts only: the ratios written above stay.
     path = g.write_baseline([], [{"a": 100}, {"a": 101}])
     data = json.loads(path.read_text())
     assert data["benchmarks"]["a"]["ratio"] == 2.0
-    assert data["instructions"]["a"] == {"count": 100, "spread": pytest.approx(0.01), "runs": 2}
+    assert data["instructions"]["a"] == {"count": 100, "spread": pytest.approx(0.01), "runs": 2,
+                                         "all": [100, 101]}
+
+
+def test_spread_drops_one_odd_run_from_five_on():
+    assert G.Guard.spread([1.0, 1.2, 1.1]) == pytest.approx(0.2)
+    # Five runs: the fastest (1.0) and the slowest (1.5) are dropped, 1.1 / 1.02 − 1 remains.
+    assert G.Guard.spread([1.02, 1.5, 1.0, 1.1, 1.05]) == pytest.approx(1.1 / 1.02 - 1)
 
 
 @pytest.mark.skipif(icount.unavailable_reason() is not None, reason=str(icount.unavailable_reason()))

@@ -33,7 +33,19 @@ def main(argv=None):
                    help="instruction-count runs (0: keep the committed counts)")
     p.add_argument("--records", default=None,
                    help="folder for every run's figures (default: a new temporary folder, kept)")
+    p.add_argument("--from-records", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: summarise these --guard-record files (earlier refreshes, check "
+                        "runs of pytest bench/ on the same tree) into the baseline")
     args, rest = p.parse_known_args(argv)
+    if args.from_records:
+        runs, icount_runs = [], []
+        for path in args.from_records:
+            data = json.loads(Path(path).read_text())
+            if data["ratios"]:
+                runs.append(data["ratios"])
+            if data["instructions"]:
+                icount_runs.append(data["instructions"])
+        return write(runs, icount_runs, ", ".join(args.from_records))
     records = Path(args.records or tempfile.mkdtemp(prefix="aimnet_fast_baseline_"))
     records.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--guard-off"]
@@ -54,6 +66,10 @@ def main(argv=None):
             icount_runs.append(data["instructions"])
     if args.icount_runs and not icount_runs:
         print("no instruction counts (valgrind missing?): the committed counts are kept")
+    write(runs, icount_runs, str(records))
+
+
+def write(runs: list[dict], icount_runs: list[dict], records: str) -> None:
     g = Guard(update=True, threshold=DEFAULT_THRESHOLD, off=True)
     path = g.write_baseline(runs, icount_runs or None)
     data = json.loads(path.read_text())

@@ -16,6 +16,8 @@ sys.path.insert(0, str(BENCH))
 import guard as G  # noqa: E402
 import icount  # noqa: E402
 
+_NO_ICOUNT = icount.unavailable_reason()  # once: it may compile the shim
+
 
 @pytest.fixture
 def baseline_dir(tmp_path, monkeypatch):
@@ -102,7 +104,7 @@ def test_spread_drops_one_odd_run_from_five_on():
     assert G.Guard.spread([1.02, 1.5, 1.0, 1.1, 1.05]) == pytest.approx(1.1 / 1.02 - 1)
 
 
-@pytest.mark.skipif(icount.unavailable_reason() is not None, reason=str(icount.unavailable_reason()))
+@pytest.mark.skipif(_NO_ICOUNT is not None, reason=str(_NO_ICOUNT))
 def test_counter_counts_work_linearly(tmp_path):
     """Under callgrind, a Python loop of n additions costs a + b·n instructions: two identical
     regions count alike, and the 3n loop's excess over the n loop is twice the 2n loop's."""

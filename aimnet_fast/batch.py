@@ -18,13 +18,10 @@ from typing import Sequence
 import torch
 
 from .constants import ELEMENTS, PERIODIC_TABLE
+from .errors import InputError
 
 #: Atoms closer than this (Å) are reported as overlapping.
 MIN_DISTANCE_A = 0.1
-
-
-class InputError(ValueError):
-    """Input that the model must not see: it names the molecule (and file, line) at fault."""
 
 
 @dataclass

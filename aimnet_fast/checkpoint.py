@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import constants as C
+from .errors import CheckpointError
 from .model import AIMNet
 
 FORMAT = "aimnet_fast"
@@ -69,10 +70,6 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
 
 def save_model(model: AIMNet, path: str | os.PathLike, **extra) -> None:
     save_atomic(checkpoint_dict(model, **extra), path)
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def load_model(path: str | os.PathLike, map_location="cpu", backend: str = "auto") -> AIMNet:

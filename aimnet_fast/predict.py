@@ -28,9 +28,10 @@ from typing import Sequence
 
 import torch
 
-from .batch import Batch, InputError
-from .checkpoint import CheckpointError, load_model
+from .batch import Batch
+from .checkpoint import load_model
 from .cpu import tune_allocator
+from .errors import CheckpointError, InputError, PredictError
 from .io import Frame, chunk_frames, frames_to_batch, read_xyz
 from .model import AIMNet
 
@@ -48,10 +49,6 @@ UNITS = {
                  "|octupole| (e*bohr^3)]",
     "volumes_bohr3": "bohr^3",
 }
-
-
-class PredictError(ValueError):
-    """A request that cannot be served (mismatched ensemble, missing head, absent device)."""
 
 
 def _as_models(models) -> list[AIMNet]:

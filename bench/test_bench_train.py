@@ -27,9 +27,9 @@ CORES = os.cpu_count() or 1
 
 def setup(rank: int, world: int, n_pass: int):
     from aimnet_fast import data as D
-    from aimnet_fast.config import LossConfig, OptimConfig
+    from aimnet_fast.train.config import LossConfig, OptimConfig
     from aimnet_fast.model import AIMNet
-    from aimnet_fast.train import Dist, make_optimizer, place
+    from aimnet_fast.train.trainer import Dist, make_optimizer, place
     # One thread per rank when ranks fill the cores; a single rank keeps the benchmarks' setting
     # (bench/conftest.py: one thread, BENCH_THREADS to change), which the guard relies on.
     torch.set_num_threads(max(1, CORES // world) if world > 1 else torch.get_num_threads())
@@ -49,8 +49,8 @@ def setup(rank: int, world: int, n_pass: int):
 
 
 def step_fn(n_pass, ddp, opt, batch, dist):
-    from aimnet_fast.config import LossConfig
-    from aimnet_fast.train import train_step
+    from aimnet_fast.train.config import LossConfig
+    from aimnet_fast.train.trainer import train_step
     return train_step(ddp, opt, batch, LossConfig(), ["energy", "charges"], n_pass, dist)
 
 

@@ -28,11 +28,11 @@ def gpu_batch():
 @pytest.mark.parametrize("impl,precision", [("torch", "ieee"), ("triton", "ieee"), ("triton", "tf32")])
 def test_train_step_gpu(benchmark, guard, gpu_batch, impl, precision, n_pass):
     from aimnet_fast import data as D
-    from aimnet_fast.config import LossConfig, OptimConfig
+    from aimnet_fast.train.config import LossConfig, OptimConfig
     from aimnet_fast.flops import count
     from aimnet_fast.model import AIMNet
     from aimnet_fast.neighbors import build_neighbors
-    from aimnet_fast.train import Dist, make_optimizer, place, train_step
+    from aimnet_fast.train.trainer import Dist, make_optimizer, place, train_step
 
     ds, batch = gpu_batch
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Configuration: YAML file + key=value overrides, types from the dataclass, errors name the key."""
 import pytest
 
-from aimnet_fast.config import ConfigError, TrainConfig, dump_yaml, load_config
+from aimnet_fast.train.config import ConfigError, TrainConfig, dump_yaml, load_config
 
 
 def test_defaults_match_the_paper():
@@ -58,7 +58,7 @@ def test_invalid_values():
 
 
 def test_command_line_resume_uses_the_runs_config(tmp_path):
-    from aimnet_fast.train import parse_args
+    from aimnet_fast.train.trainer import parse_args
     run = tmp_path / "run"
     run.mkdir()
     saved = load_config(None, ["data.mols_per_batch=7", f"run_dir={run}"])

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
-from aimnet_fast.config import LossConfig, OptimConfig
+from aimnet_fast.train.config import LossConfig, OptimConfig
 from aimnet_fast.model import AIMNet
-from aimnet_fast.train import Dist, make_optimizer, place, train_step
+from aimnet_fast.train.trainer import Dist, make_optimizer, place, train_step
 
 from test_train_common import make_batch, sample_conformers
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from aimnet_fast.config import LossConfig
+from aimnet_fast.train.config import LossConfig
 from aimnet_fast.constants import HARTREE_TO_KCALMOL
-from aimnet_fast.loss import Metrics, active_targets, loss_fn
+from aimnet_fast.train.loss import Metrics, active_targets, loss_fn
 
 
 def synthetic(seed=0, T=3, sizes=(3, 5, 2, 7)):
@@ -98,7 +98,7 @@ def test_rank_split_gives_the_global_loss():
     out, batch = synthetic()
     whole = float(loss_fn(out, batch, cfg, targets))
     (o0, b0), (o1, b1) = split(out, batch, atoms_cut=8, mols_cut=2)
-    from aimnet_fast.loss import counts, residuals
+    from aimnet_fast.train.loss import counts, residuals
     n_global = counts(residuals(o0, b0, targets), targets) + counts(residuals(o1, b1, targets), targets)
     ranks = [float(loss_fn(o, b, cfg, targets, reduce_counts=lambda n: n_global, world_size=2))
              for o, b in ((o0, b0), (o1, b1))]

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from aimnet_fast import config as C
+from aimnet_fast.train import config as C
 from aimnet_fast.checkpoint import load_model, save_model
 from aimnet_fast.model import AIMNet
-from aimnet_fast.train import run
+from aimnet_fast.train.trainer import run
 
 REPO = Path(__file__).resolve().parents[1]
 

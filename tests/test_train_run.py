@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from aimnet_fast import config as C
+from aimnet_fast.train import config as C
 from aimnet_fast import train as T
 from aimnet_fast.checkpoint import convert_released, load_model, save_model
 

@@ -3,7 +3,7 @@ against torch's ReduceLROnPlateau (whose ``patience`` counts one epoch more)."""
 import pytest
 import torch
 
-from aimnet_fast.train import PlateauSchedule
+from aimnet_fast.train.trainer import PlateauSchedule
 
 
 def opt(lr=1e-3):

@@ -11,7 +11,7 @@ Contract (used by the trainer)::
 """
 from .dataset import (PackedDataset, concat, default_dataset_path, default_sources, load_dataset,
                       load_source)
-from .errors import DataError
+from ..errors import DataError
 from .readers import LAYOUTS, UNITS, detect_layout, normalize_source
 from .sae import element_counts, fit_sae, relative_energy
 from .sampling import BatchSampler, collate, split

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from ..errors import DataError
 from .readers import iter_blocks, new_counts, normalize_source
 
 CACHE_VERSION = 1

@@ -36,7 +36,7 @@ import h5py
 import numpy as np
 
 from ..constants import BOHR_TO_A, ELEMENTS, HARTREE_TO_EV, HARTREE_TO_KCALMOL, PERIODIC_TABLE
-from .errors import DataError
+from ..errors import DataError
 
 #: Unit name -> (dimension, factor to the stored unit).
 UNITS: dict[str, tuple[str, float]] = {

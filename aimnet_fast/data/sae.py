@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 
 from ..constants import ELEMENTS, PERIODIC_TABLE
-from .errors import DataError
+from ..errors import DataError
 
 #: Conformers per chunk when counting elements (bounds the memory of the atom index).
 _CHUNK = 1 << 18

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def split(ds, val_fraction: float = 0.1, seed: int = 0, n_folds: int | None = None,

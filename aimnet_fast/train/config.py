@@ -18,13 +18,10 @@ from typing import Any, Optional
 
 import yaml
 
-from .constants import HARTREE_TO_KCALMOL
+from ..constants import HARTREE_TO_KCALMOL
+from ..errors import ConfigError
 
 KCALMOL_HA = 1.0 / HARTREE_TO_KCALMOL  # 1 kcal/mol in Hartree
-
-
-class ConfigError(ValueError):
-    """A configuration key or value that cannot be used; the message names the key."""
 
 
 @dataclass

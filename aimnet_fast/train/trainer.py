@@ -51,14 +51,11 @@ import torch.distributed as tdist
 from torch import nn
 
 from . import config as C
-from .checkpoint import checkpoint_dict, load_model, save_atomic
-from .cpu import tune_allocator
+from ..checkpoint import checkpoint_dict, load_model, save_atomic
+from ..cpu import tune_allocator
+from ..errors import TrainingError
 from .loss import Metrics, USER_UNITS, active_targets, loss_fn, predicted_forces
-from .model import AIMNet
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps); the message says why and what to do."""
+from ..model import AIMNet
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -314,7 +311,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
 # -- data ------------------------------------------------------------------------------------------
 def load_data(cfg: C.TrainConfig, dist: Dist, log: Callable[[str], None]):
     """The packed data set and the train/validation conformer indices (same on every rank)."""
-    from . import data as D
+    from .. import data as D
     sources = cfg.data.sources if cfg.data.sources is not None else D.default_sources()
     # Rank 0 builds any cache first so ranks never write the same file at once.
     if not dist.is_main:
@@ -378,7 +375,7 @@ class Trainer:
         if cfg.resume and not self.ckpt_last.exists():
             raise TrainingError(f"resume: no checkpoint {self.ckpt_last}")
 
-        from . import data as D
+        from .. import data as D
         self.D = D
         self.ds, self.train_idx, self.val_idx = load_data(cfg, self.dist, self.log)
         self.model = place(build_model(cfg, self.log), self.dist.device, self.dtype)
@@ -774,7 +771,7 @@ def main(argv=None, prog: str = "python -m aimnet_fast.train") -> int:
     except C.ConfigError as e:
         print(f"{prog}: config error: {e}", file=sys.stderr)
         return 2
-    from .data import DataError
+    from ..data import DataError
     dist = setup_distributed(cfg.device)
     try:
         run(cfg, dist)

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 
 from .config import LossConfig
-from .constants import HARTREE_TO_KCALMOL
+from ..constants import HARTREE_TO_KCALMOL
 
 #: Target → model head that predicts it.
 TARGET_HEAD = {"energy": "energy", "charges": "elmoments", "volumes": "volume"}

@@ -7,7 +7,7 @@
     atoms.get_charges()                                # e (models with an elmoments head)
 
 ASE works in eV and Å; the model in Hartree and Å: energies and forces are multiplied by
-``constants.HARTREE_TO_EV``. Positions are read in Å as ASE stores them. Periodic systems are
+``units.HARTREE_TO_EV``. Positions are read in Å as ASE stores them. Periodic systems are
 refused (AIMNet is a molecular model).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
 import numpy as np
 
 from .batch import Batch, InputError
-from .constants import HARTREE_TO_EV
+from .units import HARTREE_TO_EV
 from .model import AIMNet
 from .predict import load_models, predict
 

@@ -20,11 +20,11 @@ import torch
 from . import constants as C
 from .errors import CheckpointError
 from .model import AIMNet
+from .units import MODEL_UNITS
 
 FORMAT = "aimnet_fast"
 FORMAT_VERSION = 1
-UNITS = {"coord": "angstrom", "energy": "hartree", "forces": "hartree/angstrom",
-         "charges": "e", "volumes": "bohr^3", "elmoments": "atomic units"}
+UNITS = MODEL_UNITS
 
 
 def model_constants() -> dict:
@@ -74,7 +74,13 @@ def save_model(model: AIMNet, path: str | os.PathLike, **extra) -> None:
 
 def load_model(path: str | os.PathLike, map_location="cpu", backend: str = "auto") -> AIMNet:
     """Load a model from our checkpoint format (see ``convert_released`` for the released files)."""
-    ck = torch.load(path, map_location=map_location, weights_only=False)
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch.load raises many kinds for a file that is not a checkpoint
+        raise CheckpointError(f"{path}: not a checkpoint torch can read "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an aimnet_fast checkpoint; convert released AIMNet "
                               f"files first with `python -m aimnet_fast.convert BACKBONE HEADS OUT`")

@@ -11,6 +11,8 @@ import inspect
 import sys
 from typing import Sequence
 
+from .errors import AIMNetError, report
+
 COMMANDS = {
     "predict": ("aimnet_fast.predict", "energies, forces, charges, moments, volumes of an XYZ"),
     "convert": ("aimnet_fast.convert", "convert released AIMNet weights into a checkpoint"),
@@ -42,11 +44,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aimnet-fast: error: command {name!r} is not available in this installation "
               f"({module_name} is missing)", file=sys.stderr)
         return 1
-    # predict and convert name themselves in their messages; another module may not take prog.
-    if "prog" in inspect.signature(module.main).parameters:
-        code = module.main(rest, prog=f"aimnet-fast {name}")
-    else:
-        code = module.main(rest)
+    prog = f"aimnet-fast {name}"
+    try:
+        # Each command names itself in its messages; a module's main may not take prog.
+        if "prog" in inspect.signature(module.main).parameters:
+            code = module.main(rest, prog=prog)
+        else:
+            code = module.main(rest)
+    except AIMNetError as e:  # the commands report their own; this catches what one lets through
+        return report(prog, e)
     return int(code or 0)
 
 

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoint import CheckpointError, convert_released, save_model
+from .checkpoint import convert_released, save_model
 from .constants import PERIODIC_TABLE
+from .errors import AIMNetError, CheckpointError, report
 
 
 def convert(backbone: str, heads: str, out: str) -> str:
@@ -50,9 +51,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m aimnet_fast.c
     args = build_parser(prog).parse_args(argv)
     try:
         print(convert(args.backbone, args.heads, args.out))
-    except CheckpointError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+    except AIMNetError as e:
+        return report(prog, e)
     return 0
 
 

@@ -48,3 +48,11 @@ class TrainingError(AIMNetError, RuntimeError):
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line, for command lines."""
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def report(prog: str, err: BaseException, stream=None) -> int:
+    """Print ``err`` as the one line a command line ends with; return its exit status (2 for a
+    usage error such as a bad config key, 1 otherwise)."""
+    import sys
+    print(f"{prog}: error: {one_line(err)}", file=stream if stream is not None else sys.stderr)
+    return 2 if isinstance(err, ConfigError) else 1

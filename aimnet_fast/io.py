@@ -24,11 +24,11 @@ import torch
 
 from .batch import Batch, InputError
 from .constants import ELEMENTS, PERIODIC_TABLE
+from .units import element_number
 
 #: A small bundled multi-frame XYZ file (see examples/README.md).
 EXAMPLE_XYZ = Path(__file__).resolve().parent / "examples" / "molecules.xyz"
 
-_SYMBOL_TO_Z = {s.lower(): z for z, s in enumerate(PERIODIC_TABLE) if z > 0}
 _KEY_VALUE = re.compile(r'^\s*[A-Za-z_][\w.-]*\s*=')
 
 
@@ -70,16 +70,6 @@ def frame_desc(index: int, comment: str) -> str:
     if len(c) > 80:
         c = c[:77] + "..."
     return f"frame {index} ({c})" if c else f"frame {index}"
-
-
-def element_number(symbol: str) -> int | None:
-    """Atomic number of an element symbol (any case) or of a decimal atomic number; None if
-    unknown."""
-    s = symbol.strip()
-    if s.isdigit():
-        z = int(s)
-        return z if 0 < z < len(PERIODIC_TABLE) else None
-    return _SYMBOL_TO_Z.get(s.lower())
 
 
 def _parse_properties(spec: str) -> list[tuple[str, str, int]]:
@@ -162,7 +152,7 @@ def parse_xyz(text: str, source: str = "<string>") -> list[Frame]:
         comment = lines[pos + 1].strip()
         desc = frame_desc(index, comment)
 
-        def error(line: int, msg: str) -> InputError:
+        def error(line: int, msg: str, desc: str = desc) -> InputError:
             return InputError(f"{source} line {line}, {desc}: {msg}")
 
         if n_atoms == 0:

@@ -31,24 +31,14 @@ import torch
 from .batch import Batch
 from .checkpoint import load_model
 from .cpu import tune_allocator
-from .errors import CheckpointError, InputError, PredictError
+from .errors import AIMNetError, PredictError, report
 from .io import Frame, chunk_frames, frames_to_batch, read_xyz
 from .model import AIMNet
+from .units import OUTPUT_UNITS
 
 DEFAULT_BATCH_ATOMS = 20000
 
-#: Unit of every per-molecule key of the output.
-UNITS = {
-    "coord": "angstrom",
-    "energy_Ha": "hartree",
-    "energy_std_Ha": "hartree",
-    "forces_Ha_per_A": "hartree/angstrom",
-    "forces_std_Ha_per_A": "hartree/angstrom",
-    "charges_e": "e (elementary charge)",
-    "elmoments": "atomic units: [charge (e), |dipole| (e*bohr), |quadrupole| (e*bohr^2), "
-                 "|octupole| (e*bohr^3)]",
-    "volumes_bohr3": "bohr^3",
-}
+UNITS = OUTPUT_UNITS
 
 
 def _as_models(models) -> list[AIMNet]:
@@ -179,16 +169,7 @@ def load_models(paths: Sequence[str | os.PathLike], device: str = "cpu",
                            "--backend torch or auto on CPU")
     models = []
     for path in paths:
-        if not Path(path).is_file():
-            raise CheckpointError(f"{path}: no such model file")
-        try:
-            model = load_model(path, map_location=dev, backend=backend)
-        except CheckpointError:
-            raise
-        except Exception as e:  # a truncated or foreign file: say which one
-            raise CheckpointError(f"{path}: cannot read as an aimnet_fast checkpoint: "
-                                  f"{type(e).__name__}: {e}") from e
-        model = model.to(dev).eval()
+        model = load_model(path, map_location=dev, backend=backend).to(dev).eval()
         model.requires_grad_(False)  # forces need d/dcoord only
         models.append(model)
     check_ensemble(models)
@@ -224,9 +205,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m aimnet_fast.p
         models = load_models(paths, args.device, args.backend)
         frames = read_xyz(args.input)
         results = predict_frames(models, frames, args.forces, args.batch_atoms)
-    except (InputError, CheckpointError, PredictError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+    except AIMNetError as e:
+        return report(prog, e)
     doc = {"format": "aimnet_fast.predict", "units": UNITS, "models": [str(p) for p in paths],
            "input": str(args.input), "n_models": len(models),
            "heads": list(models[0].heads.keys()), "molecules": results}

@@ -173,7 +173,7 @@ def run(select: list[str] | None = None, timeout_s: float = 1800) -> dict[str, i
             except subprocess.TimeoutExpired:
                 for *_, p in children:
                     p.kill()
-                raise RuntimeError(f"a callgrind child ran past {timeout_s:.0f} s: {' '.join(cmd)}")
+                raise RuntimeError(f"a callgrind child ran past {timeout_s:.0f} s: {' '.join(cmd)}") from None
             log.seek(0)
             text = log.read()
             log.close()

@@ -50,7 +50,8 @@ def test_aev_backward(benchmark, guard, batch, nb, features):
     """Forward + backward to atom features, pair features and coordinates (forces)."""
     afv0, pf0 = features
     g = torch.Generator().manual_seed(1)
-    w_r, w_a = torch.randn(batch.n_atoms, 16, 16, generator=g), torch.randn(batch.n_atoms, 32, 16, generator=g)
+    w_r = torch.randn(batch.n_atoms, 16, 16, generator=g)
+    w_a = torch.randn(batch.n_atoms, 32, 16, generator=g)
 
     def run():
         c = batch.coord.clone().requires_grad_(True)

@@ -75,9 +75,11 @@ def write(runs: list[dict], icount_runs: list[dict], records: str) -> None:
     data = json.loads(path.read_text())
     for name, b in data["benchmarks"].items():
         each = " ".join(f"{x / b['ratio']:.3f}" for x in b["all"])
-        print(f"  {name:<36s} ratio {b['ratio']:9.4g}  spread {b['spread'] * 100:5.1f} %  runs/median: {each}")
+        print(f"  {name:<36s} ratio {b['ratio']:9.4g}  spread {b['spread'] * 100:5.1f} %  "
+              f"runs/median: {each}")
     for name, b in data["instructions"].items():
-        print(f"  {'icount ' + name:<36s} {b['count']:>15,}  spread over {b['runs']} runs {b['spread'] * 100:6.3f} %")
+        print(f"  {'icount ' + name:<36s} {b['count']:>15,}  spread over {b['runs']} runs "
+              f"{b['spread'] * 100:6.3f} %")
     print(f"baseline written: {path}\nevery run's figures: {records}")
 
 

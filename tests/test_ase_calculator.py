@@ -9,7 +9,7 @@ from ase.calculators.calculator import PropertyNotImplementedError  # noqa: E402
 from aimnet_fast.ase_calculator import AIMNetCalculator  # noqa: E402
 from aimnet_fast.batch import InputError  # noqa: E402
 from aimnet_fast.checkpoint import convert_released, save_model  # noqa: E402
-from aimnet_fast.constants import HARTREE_TO_EV  # noqa: E402
+from aimnet_fast.units import HARTREE_TO_EV  # noqa: E402
 
 MOLECULES = (0, 9, 19)  # a small ANI-1x conformer and two S66x8 dimers
 

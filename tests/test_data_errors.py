@@ -165,6 +165,7 @@ def test_bad_config(tmp_path):
     with pytest.raises(DataError, match="unknown unit"):
         load_dataset([{"path": p, "properties": {"energy": {"key": "wb97x_tz.energy", "unit": "joule"}}}])
     with pytest.raises(DataError, match="not a energy unit"):
-        load_dataset([{"path": p, "properties": {"energy": {"key": "wb97x_tz.energy", "unit": "ev/angstrom"}}}])
+        load_dataset([{"path": p, "properties": {"energy": {"key": "wb97x_tz.energy",
+                                                             "unit": "ev/angstrom"}}}])
     with pytest.raises(DataError, match="unknown layout"):
         load_dataset([{"path": p, "layout": "xyz"}])

@@ -4,7 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from aimnet_fast.constants import BOHR_TO_A, ELEMENTS, HARTREE_TO_EV, SAE_HA
+from aimnet_fast.constants import ELEMENTS, SAE_HA
+from aimnet_fast.units import BOHR_TO_A, HARTREE_TO_EV
 from aimnet_fast.data import DataError, detect_layout, fit_sae, load_dataset
 
 SAE = dict(zip(ELEMENTS, SAE_HA))
@@ -20,7 +21,8 @@ def raw_groups(path):
     out = []
     with h5py.File(path, "r") as f:
         def visit(name, obj):
-            if isinstance(obj, h5py.Group) and any(k in obj for k in ("coordinates", "coord", "conformations")):
+            if isinstance(obj, h5py.Group) and any(k in obj for k in
+                                                   ("coordinates", "coord", "conformations")):
                 out.append(name)
         f.visititems(visit)
     return sorted(out)
@@ -93,7 +95,8 @@ def test_ani1x_release(data):
                 assert ds.labels["energy"][i] == g["wb97x_tz.energy"][c]
                 # ANI-1x stores true forces: no sign change
                 np.testing.assert_array_equal(conf(ds, i, ds.labels["forces"]), g["wb97x_tz.forces"][c])
-                np.testing.assert_array_equal(conf(ds, i, ds.labels["volumes"]), g["wb97x_tz.mbis_volumes"][c])
+                np.testing.assert_array_equal(conf(ds, i, ds.labels["volumes"]),
+                                              g["wb97x_tz.mbis_volumes"][c])
                 i += 1
     # neutral molecules: MBIS charges sum to ~0 e
     for c in range(ds.n_conf):
@@ -139,7 +142,8 @@ def test_06r_forces_negated_and_extra_column(data):
     assert ds.n_conf == 4366 and len(ds.group_names) == 3
     with h5py.File(path, "r") as f:
         g = f["gdb11_s01/mol0000001"]
-        c = int(np.flatnonzero(np.asarray([n.endswith("mol0000001:0") for n in map(ds.name, range(ds.n_conf))]))[0])
+        names = [ds.name(i) for i in range(ds.n_conf)]
+        c = int(np.flatnonzero(np.asarray([n.endswith("mol0000001:0") for n in names]))[0])
         np.testing.assert_array_equal(conf(ds, c, ds.labels["forces"]), -g["forces"][0])
         np.testing.assert_array_equal(conf(ds, c, ds.labels["charges"]), g["hirshfeld"][0][:-1])
     # neutral: the Hirshfeld charges (without the residual column) sum to ~0
@@ -252,7 +256,7 @@ def test_aimnet2_units_elements_and_charges(data):
     assert "aimnet2_format_sample.h5:007:" in str(ei.value) and "skip_unknown_elements" in str(ei.value)
     ds = load_dataset([{"path": path, "skip_unknown_elements": True}])
     with h5py.File(path, "r") as f:
-        keep, e_ev, q_tot, charges = [], [], [], []
+        keep, e_ev, q_tot = [], [], []
         for k in sorted(f):
             z = f[k]["numbers"][()]
             ok = np.isin(z, ELEMENTS).all(axis=1)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aimnet_fast.constants import BOHR_TO_A
+from aimnet_fast.units import BOHR_TO_A
 
 h5py = pytest.importorskip("h5py")
 

@@ -12,7 +12,7 @@ import torch
 
 from aimnet_fast import cli, convert, predict as P
 from aimnet_fast.checkpoint import load_model
-from aimnet_fast.constants import HARTREE_TO_KCALMOL
+from aimnet_fast.units import HARTREE_TO_KCALMOL
 from aimnet_fast.io import EXAMPLE_XYZ, read_xyz, write_xyz
 
 TOL = {"energy_Ha": 1e-4, "forces_Ha_per_A": 5e-4, "charges_e": 1e-4, "elmoments": 1e-4,
@@ -225,7 +225,7 @@ def test_cli_errors_for_models_and_devices(checkpoints, reference_xyz, shared, t
     assert P.main([str(released), str(reference_xyz)]) == 1
     assert "not an aimnet_fast checkpoint" in capsys.readouterr().err
     assert P.main([str(tmp_path / "missing.pt"), str(reference_xyz)]) == 1
-    assert "missing.pt: no such model file" in capsys.readouterr().err
+    assert "missing.pt: no such checkpoint file" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert P.main([str(checkpoints["cv0"]), str(reference_xyz), "--device", "cuda"]) == 1
         assert "CUDA" in capsys.readouterr().err

@@ -47,7 +47,8 @@ from importlib import metadata
 
 import numpy as np
 
-from aimnet_fast.constants import BOHR_TO_A, PERIODIC_TABLE
+from aimnet_fast.constants import PERIODIC_TABLE
+from aimnet_fast.units import BOHR_TO_A
 
 GENERATOR_VERSION = "1.0"
 DEFAULT_SEED = 20261125

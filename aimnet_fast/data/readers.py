@@ -13,8 +13,9 @@ Property entries: ``key`` (dataset name inside a molecule group), ``unit``, ``co
 (06r charge arrays carry an extra residual column), ``per`` (``"atom"``/``"conformer"``, known for the
 standard names), ``zero_is_missing`` (all-zero rows mean "not computed"; default on for energy, forces,
 charges, volumes, except per-atom rows of single-atom conformers; turn it off where exact zeros are
-real, e.g. rounded charges of a homonuclear diatomic) and ``required`` (default true: a key found in no group of the file is an error,
-because it is most likely a typo; found in some groups only, the others are masked and counted).
+real, e.g. rounded charges of a homonuclear diatomic) and ``required`` (default true: a key found in
+no group of the file is an error, because it is most likely a typo; found in some groups only, the
+others are masked and counted).
 Without ``properties`` the layout's defaults apply (``LAYOUTS[...]["defaults"]``).
 
 Source options: ``coord_unit`` (layout default), ``skip_unknown_elements`` (skip and count conformers
@@ -35,23 +36,12 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from ..constants import BOHR_TO_A, ELEMENTS, HARTREE_TO_EV, HARTREE_TO_KCALMOL, PERIODIC_TABLE
+from .. import units
+from ..constants import ELEMENTS, PERIODIC_TABLE
 from ..errors import DataError
 
 #: Unit name -> (dimension, factor to the stored unit).
-UNITS: dict[str, tuple[str, float]] = {
-    "hartree": ("energy", 1.0), "ha": ("energy", 1.0),
-    "ev": ("energy", 1.0 / HARTREE_TO_EV),
-    "kcal/mol": ("energy", 1.0 / HARTREE_TO_KCALMOL),
-    "hartree/angstrom": ("force", 1.0), "ha/a": ("force", 1.0),
-    "hartree/bohr": ("force", 1.0 / BOHR_TO_A), "ha/bohr": ("force", 1.0 / BOHR_TO_A),
-    "ev/angstrom": ("force", 1.0 / HARTREE_TO_EV), "ev/a": ("force", 1.0 / HARTREE_TO_EV),
-    "kcal/mol/angstrom": ("force", 1.0 / HARTREE_TO_KCALMOL),
-    "e": ("charge", 1.0),
-    "bohr3": ("volume", 1.0), "angstrom3": ("volume", 1.0 / BOHR_TO_A ** 3),
-    "angstrom": ("length", 1.0), "a": ("length", 1.0), "bohr": ("length", BOHR_TO_A),
-    "1": ("any", 1.0), "none": ("any", 1.0),
-}
+UNITS = units.FACTORS
 
 #: Standard label names: (per, dimension, trailing shape, stored dtype).
 STANDARD = {
@@ -101,7 +91,6 @@ LAYOUTS: dict[str, dict] = {
 }
 
 _COORD_KEYS = ("coordinates", "coord", "conformations")
-_SYMBOL_TO_Z = {s.lower(): z for z, s in enumerate(PERIODIC_TABLE)}
 
 #: Conformer chunks are read so that one chunk holds about this many atoms (bounds the memory).
 CHUNK_ATOMS = 1 << 20
@@ -240,7 +229,7 @@ def _species_to_numbers(arr: np.ndarray, path: str, group: str) -> np.ndarray:
         zs = np.empty(len(uniq), np.int64)
         for i, s in enumerate(uniq):
             s = s.decode() if isinstance(s, bytes) else str(s)
-            z = _SYMBOL_TO_Z.get(s.strip().lower())
+            z = units.element_number(s)
             if z is None:
                 raise DataError(f"unknown element symbol {s!r}", path, group)
             zs[i] = z

@@ -75,7 +75,8 @@ def fit_sae(ds, elements=ELEMENTS, indices=None, huber_k: float = 1.345, trim: f
     present = rows.any(axis=0)
     if not present.all():
         warnings.warn("fit_sae: no data for " + ", ".join(
-            PERIODIC_TABLE[z] for z, p in zip(elements, present) if not p) + "; their SAE is 0.0")
+            PERIODIC_TABLE[z] for z, p in zip(elements, present) if not p) + "; their SAE is 0.0",
+            stacklevel=2)
     xr = rows[:, present]
 
     def solve(w):

@@ -1,7 +1,15 @@
 """Configuration: YAML file + key=value overrides, types from the dataclass, errors name the key."""
-import pytest
+import typing
+from pathlib import Path
 
+import pytest
+import yaml
+
+from aimnet_fast.errors import AIMNetError
+from aimnet_fast.train import config as C
 from aimnet_fast.train.config import ConfigError, TrainConfig, dump_yaml, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "aimnet_fast" / "configs").glob("*.yaml"))
 
 
 def test_defaults_match_the_paper():
@@ -67,3 +75,104 @@ def test_command_line_resume_uses_the_runs_config(tmp_path):
     assert cfg.resume and cfg.data.mols_per_batch == 7 and cfg.curriculum[1].epochs == 9
     cfg = parse_args(["optim.lr=2e-4"])
     assert not cfg.resume and cfg.optim.lr == 2e-4
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    q = tmp_path / "config.yaml"
+    q.write_text(dump_yaml(cfg))
+    assert load_config(q) == cfg
+    if cfg.data.sources is not None:
+        assert all(isinstance(s, C.SourceConfig) for s in cfg.data.sources)
+
+
+def test_default_yaml_is_the_defaults():
+    assert load_config(next(p for p in CONFIGS if p.name == "default.yaml")) == TrainConfig()
+
+
+def test_sources_are_typed_and_become_the_readers_dicts(tmp_path):
+    from aimnet_fast.data import default_sources
+    from aimnet_fast.data.readers import normalize_source
+    path = next(p for p in CONFIGS if p.name == "ani1x_06r_gdb11_s01.yaml")
+    cfg = load_config(path, ["data.sources.0.path=x.h5", "data.sources.0.properties.forces.key=forces",
+                             "data.sources.0.properties.forces.convention=gradient"])
+    src = cfg.data.sources[0]
+    assert (src.path, src.layout, src.coord_unit) == ("x.h5", "06r", None)
+    assert src.properties["charges"].drop_last_column and src.properties["energy"].unit == "hartree"
+    assert src.properties["forces"].convention == "gradient" and src.properties["forces"].unit is None
+    raw = yaml.safe_load(path.read_text())["data"]["sources"][0]
+    raw["path"] = "x.h5"
+    raw["properties"]["forces"] = {"key": "forces", "convention": "gradient"}
+    dicts = C.source_dicts(cfg.data)
+    assert dicts == [src.as_dict()] and "coord_unit" not in dicts[0]   # unset: the reader's default
+    assert normalize_source(dicts[0]) == normalize_source(raw)
+    # Resume: the run's config.yaml (from dump_yaml) plus overrides gives the same sources.
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
+    again = load_config(tmp_path / "config.yaml", ["resume=true"])
+    assert again.data.sources == cfg.data.sources and again.resume
+    assert C.source_dicts(load_config(None).data) == default_sources()
+
+
+def test_a_whole_source_list_as_an_override():
+    cfg = load_config(None, ["data.sources=[{path: a.h5, layout: ani1x}, {path: b.h5}]"])
+    assert [(s.path, s.layout, s.properties) for s in cfg.data.sources] == [("a.h5", "ani1x", None),
+                                                                          ("b.h5", "auto", None)]
+
+
+def test_choices_match_the_code_that_uses_them():
+    from aimnet_fast.data.readers import LAYOUTS
+    from aimnet_fast.model import HEAD_SIZES
+    from aimnet_fast.ops import BACKENDS
+    assert set(typing.get_args(C.Layout)) == set(LAYOUTS) | {"auto"}
+    assert set(typing.get_args(C.Head)) == set(HEAD_SIZES)
+    assert set(typing.get_args(C.Backend)) == set(BACKENDS)
+    cfg = load_config(None, ["optim.fused=true", "dtype=float64", "backend=torch", "device=cuda:1"])
+    assert cfg.optim.fused is True and str(cfg.optim.fused).lower() == "true"
+    assert (cfg.dtype, cfg.backend, cfg.device) == ("float64", "torch", "cuda:1")
+
+
+@pytest.mark.parametrize("item, message", [
+    ("optim.lr=abc", r"^optim\.lr: .*'abc'.*Float"),
+    ("nosuchkey=1", r"^unknown config key 'nosuchkey'; known here: run_dir, "),
+    ("dtype=float16", r"^dtype: Invalid value 'float16', expected one of \['float32', 'float64'\]"),
+    ("optim.fused=maybe", r"^optim\.fused: "),
+    ("data.split=random", r"^data\.split: "),
+    ("backend=cuda", r"^backend: "),
+    ("device=gpu", r"^device: 'gpu'"),
+    ("data.sources=[{path: x.h5, layout: hdf5}]", r"^data\.sources\.0\.layout: Invalid value 'hdf5'"),
+    ("data.sources=[{layout: ani1x}]", r"^data\.sources\.0\.path: .*missing"),
+    ("data.sources=[{path: x.h5, properties: {energy: {key: e, units: ev}}}]",
+     r"^unknown config key 'data\.sources\.0\.properties\.energy\.units'"),
+    ("data.sources.0.path=x.h5", r"^data\.sources\.0\.path: .*None"),
+    ("model.heads=[energy, dipole]", r"^model\.heads\.1: "),
+    ("schedule.factor=1.5", r"^schedule: factor"),
+    ("curriculum=[]", r"^curriculum: at least one phase"),
+    ("curriculum.0.n_pass=0", r"^curriculum\.0: n_pass"),
+    ("data.mols_per_batch=0", r"^data\.mols_per_batch must be"),
+    ("optim.lr", r"not key=value"),
+])
+def test_errors_are_one_line_and_start_with_the_key(item, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(None, [item])
+    assert isinstance(e.value, AIMNetError) and isinstance(e.value, ValueError)
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_file_errors_name_the_file_or_key(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"nope\.yaml: config file not found"):
+        load_config(missing)
+    p = tmp_path / "list.yaml"
+    p.write_text("- seed: 1\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: expected a mapping"):
+        load_config(p)
+    p.write_text("seed: [1\n")
+    with pytest.raises(ConfigError, match=r"list\.yaml: cannot read"):
+        load_config(p)
+    p.write_text("data:\n  sources:\n    - {path: x.h5, layout: 06r, coord_unit: 3}\n"
+                 "curriculum:\n  - {n_pass: 1, epochs: many}\n")
+    with pytest.raises(ConfigError, match=r"^curriculum\.0\.epochs: "):
+        load_config(p)
+    p.write_text("")
+    assert load_config(p) == TrainConfig()

@@ -1,9 +1,12 @@
-"""Reduce-on-plateau against a known sequence of validation losses (worked out by hand) and
-against torch's ReduceLROnPlateau (whose ``patience`` counts one epoch more)."""
+"""Reduce-on-plateau against a known sequence of validation losses (worked out by hand), against
+the paper's rule written out, and against torch's ReduceLROnPlateau (whose ``patience`` counts one
+epoch more)."""
+import math
+
 import pytest
 import torch
 
-from aimnet_fast.train.trainer import PlateauSchedule
+from aimnet_fast.train.schedule import PlateauSchedule
 
 
 def opt(lr=1e-3):
@@ -61,3 +64,62 @@ def test_floor_and_state_roundtrip():
     t = PlateauSchedule(opt(), factor=0.5, patience=1, min_lr=2e-4)
     t.load_state_dict(s.state_dict())
     assert (t.lr, t.best, t.bad_epochs) == (s.lr, s.best, s.bad_epochs)
+
+
+def paper_rule(losses, factor, patience, threshold, lr=1e-3):
+    """The rule as the paper states it (the trainer's own code before torch's scheduler)."""
+    best, bad, out = math.inf, 0, []
+    for loss in losses:
+        reduced = False
+        if loss < best * (1.0 - threshold):
+            best, bad = loss, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                lr, bad, reduced = lr * factor, 0, True
+        out.append((lr, reduced, best, bad))
+    return out
+
+
+@pytest.mark.parametrize("seed, patience, threshold", [(0, 6, 0.0), (1, 3, 0.01), (2, 1, 0.0), (3, 2, 0.05)])
+def test_long_random_sequence_with_nan_and_plateaus(seed, patience, threshold):
+    g = torch.Generator().manual_seed(seed)
+    n = 600
+    losses = (2.0 / (1 + torch.arange(n)).sqrt() + 0.2 * torch.rand(n, generator=g)).tolist()
+    for i in torch.randint(0, n, (40,), generator=g).tolist():
+        losses[i] = float("nan")
+    for i in torch.randint(1, n - 12, (20,), generator=g).tolist():    # plateaus: repeated values
+        losses[i:i + 10] = [losses[i - 1]] * 10
+    ours = PlateauSchedule(opt(), factor=0.9, patience=patience, threshold=threshold, min_lr=1e-9)
+    o = opt()
+    ref = torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="min", factor=0.9, patience=patience - 1,
+                                                     threshold=threshold, threshold_mode="rel",
+                                                     cooldown=0, min_lr=0.0, eps=0.0)
+    n_reduced = 0
+    for loss, (lr, reduced, best, bad) in zip(losses, paper_rule(losses, 0.9, patience, threshold)):
+        got = ours.step(loss)
+        ref.step(loss)
+        assert got == reduced
+        assert ours.lr == pytest.approx(lr, rel=1e-12) and ours.lr == o.param_groups[0]["lr"]
+        assert (ours.best, ours.bad_epochs) == (best, bad)
+        n_reduced += got
+    assert n_reduced >= 5
+
+
+def test_floor_stops_instead_of_clamping():
+    s = PlateauSchedule(opt(1e-3), factor=0.1, patience=1, min_lr=5e-4)
+    s.step(1.0)
+    assert s.step(2.0) and s.lr == pytest.approx(1e-4) and s.below_floor   # not clamped to 5e-4
+    assert s.step(2.0) and s.lr == pytest.approx(1e-5)                     # and goes on falling
+    with pytest.raises(ValueError, match="patience"):
+        PlateauSchedule(opt(), patience=0)
+
+
+def test_loads_the_state_of_old_checkpoints():
+    old = {"best": 0.25, "bad_epochs": 2, "lr": 7e-4}   # what the trainer's checkpoints hold
+    s = PlateauSchedule(opt(), factor=0.5, patience=3)
+    s.load_state_dict(old)
+    assert s.state_dict() == old
+    assert s.step(0.3)                               # the third bad epoch in a row: reduce
+    assert s.lr == pytest.approx(3.5e-4) and (s.best, s.bad_epochs) == (0.25, 0)
+    assert not s.step(0.2) and s.best == 0.2

@@ -1,39 +1,91 @@
 """Training configuration: one dataclass tree, filled from a YAML file and ``key=value`` overrides.
 
-    cfg = load_config("my.yaml", ["optim.lr=5e-4", "curriculum.1.epochs=20", "run_dir=runs/x"])
+    cfg = load_config("my.yaml", ["optim.lr=5e-4", "curriculum.1.epochs=20", "data.sources.0.path=x.h5"])
 
-Nested keys use dots; an element of a list is addressed by its index (``curriculum.0.n_pass``).
-Values are parsed as YAML and then converted to the type the dataclass declares, so ``1e-3`` is a
-float, ``true`` a bool and ``[a, b]`` a list. An unknown key is an error that names the key.
-Units are in the field names where they could be doubted (``_Ha``, ``_e``, ``_bohr3``, ``_A``).
+The dataclasses below are the schema of an OmegaConf structured config: OmegaConf merges the YAML
+file and the overrides into it, converts each value to the declared type (``1e-3`` a float, ``true``
+a bool, ``[a, b]`` a list) and rejects unknown keys and wrong types; ``load_config`` turns its errors
+into ``ConfigError`` with the full dotted key. Nested keys use dots; an element of a list is addressed
+by its index (``curriculum.0.n_pass``). Choices are ``typing.Literal`` types (below), which
+OmegaConf ≥ 2.4 checks. Units are in the field names where they could be doubted (``_Ha``, ``_e``,
+``_bohr3``, ``_A``).
 """
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Literal, Optional
 
 import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ..constants import HARTREE_TO_KCALMOL
 from ..errors import ConfigError
 
 KCALMOL_HA = 1.0 / HARTREE_TO_KCALMOL  # 1 kcal/mol in Hartree
 
+# -- the choices (checked by OmegaConf) -----------------------------------------------------------
+OptimName = Literal["amsgrad", "adam"]          # "amsgrad": the paper's "Amstrad"
+Fused = Literal["auto", True, False]            # fused Adam: where available / required / never
+Split = Literal["group", "conformer"]
+DType = Literal["float32", "float64"]
+Backend = Literal["auto", "torch", "triton"]    # aimnet_fast.ops.BACKENDS
+Head = Literal["energy", "elmoments", "volume"]  # aimnet_fast.model.HEAD_SIZES
+Target = Literal["energy", "charges", "volumes"]
+Layout = Literal["ani1x", "ani1", "06r", "ani2x", "aimnet2", "spice", "auto"]  # readers.LAYOUTS
+Convention = Literal["force", "gradient"]
+Per = Literal["atom", "conformer"]
+
+
+@dataclass
+class PropertyConfig:
+    """One label of a source (see ``aimnet_fast.data.readers``); ``None``: the reader's default."""
+    key: str = MISSING                    # dataset name inside a molecule group
+    unit: Optional[str] = None            # default: the stored unit of the standard name
+    convention: Convention = "force"      # "gradient": +dE/dR is stored, negated on reading
+    drop_last_column: bool = False        # 06r charge arrays carry an extra residual column
+    per: Optional[Per] = None             # known for the standard names
+    zero_is_missing: Optional[bool] = None
+    required: bool = True                 # a key found in no group of the file is an error
+
+
+@dataclass
+class SourceConfig:
+    """One HDF5 file and how to read it; ``as_dict()`` is what ``aimnet_fast.data.load_dataset``
+    takes. ``None``: the reader's default (properties: the layout's defaults)."""
+    path: str = MISSING
+    layout: Layout = "auto"
+    properties: Optional[dict[str, PropertyConfig]] = None
+    coord_unit: Optional[str] = None
+    skip_unknown_elements: bool = False
+    skip_bad_conformers: bool = False
+    skip_charged: bool = False
+    elements: Optional[list[int]] = None
+
+    def as_dict(self) -> dict:
+        """The source dict of ``aimnet_fast.data.readers``, without the unset (None) entries."""
+        return _drop_none(dataclasses.asdict(self))
+
+
+def _drop_none(d):
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
+
 
 @dataclass
 class DataConfig:
-    #: Source dicts for ``aimnet_fast.data.load_dataset`` (path, layout, properties); ``None``
-    #: means the embedded default data set (``aimnet_fast.data.default_sources()``).
-    sources: Optional[list] = None
+    #: Data sources (path, layout, properties); ``None`` means the embedded default data set
+    #: (``aimnet_fast.data.default_sources()``). See ``source_dicts``.
+    sources: Optional[list[SourceConfig]] = None
     cache_dir: Optional[str] = None
     val_fraction: float = 0.1
     #: "group": a molecule (formula group) stays on one side of the split (``data.split``);
     #: "conformer": conformers are split at random (for sets with only a handful of molecules).
-    split: str = "group"
+    split: Split = "group"
     split_seed: int = 0
     #: Use at most this many conformers (a random subset, fixed by ``split_seed``); for quick runs.
     max_conformers: Optional[int] = None
@@ -43,19 +95,28 @@ class DataConfig:
     val_mols_per_batch: Optional[int] = None
 
 
+def source_dicts(data: DataConfig) -> list[dict]:
+    """The sources of ``data`` as dicts for ``aimnet_fast.data.load_dataset`` (the embedded default
+    data set where ``data.sources`` is None)."""
+    if data.sources is None:
+        from ..data import default_sources
+        return default_sources()
+    return [s.as_dict() if isinstance(s, SourceConfig) else dict(s) for s in data.sources]
+
+
 @dataclass
 class ModelConfig:
-    heads: list = field(default_factory=lambda: ["energy", "elmoments", "volume"])
+    heads: list[Head] = field(default_factory=lambda: ["energy", "elmoments", "volume"])
     #: Start from this checkpoint (our format; convert released files first with
     #: ``aimnet_fast.checkpoint.convert_released``). Weights whose name and shape match are loaded;
     #: the others (e.g. a new head) keep their fresh initialisation and are listed at start-up.
     init_from: Optional[str] = None
     #: fnmatch patterns of parameter names to keep fixed, e.g. ["afv_table", "combine_mlp.*"].
-    freeze: list = field(default_factory=list)
+    freeze: list[str] = field(default_factory=list)
     #: If set, only parameters matching one of these patterns train (e.g. ["heads.energy.*"]).
-    trainable: Optional[list] = None
+    trainable: Optional[list[str]] = None
     #: fnmatch patterns of parameters to re-initialise after loading ``init_from``.
-    reinit: list = field(default_factory=list)
+    reinit: list[str] = field(default_factory=list)
     #: Keep the SAE of ``init_from`` instead of fitting it on the training split.
     keep_sae: bool = False
 
@@ -63,8 +124,8 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     """L = Σ_p w_p Σ_t w_t mean_i (y − ŷ)², w_p = 1/unit_p², w_t = 1/T (see ``aimnet_fast.loss``)."""
-    #: Targets to fit when the data has them (and the model has the head): energy, charges, volumes.
-    targets: list = field(default_factory=lambda: ["energy", "charges", "volumes"])
+    #: Targets to fit when the data has them (and the model has the head); forces: ``forces=true``.
+    targets: list[Target] = field(default_factory=lambda: ["energy", "charges", "volumes"])
     energy_unit_Ha: float = KCALMOL_HA           # per atom: 1 kcal/mol
     charges_unit_e: float = 0.0063
     volumes_unit_bohr3: float = 4.386             # 0.65 Å³
@@ -75,13 +136,13 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "amsgrad"        # "amsgrad" (the paper's "Amstrad") or "adam"
+    name: OptimName = "amsgrad"
     lr: float = 1e-3
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
     #: "auto": fused Adam where this torch supports it for the device; true: require it.
-    fused: str = "auto"
+    fused: Fused = "auto"
     #: Clip the global gradient norm to this value (0: off).
     grad_clip: float = 0.0
 
@@ -118,9 +179,9 @@ class TrainConfig:
     #: Continue the run in ``run_dir`` from its ``last.pt``.
     resume: bool = False
     seed: int = 0
-    device: str = "auto"         # "auto", "cpu", "cuda"
-    dtype: str = "float32"       # model parameters: "float32" or "float64"
-    backend: str = "auto"        # model ops: "auto", "torch", "triton"
+    device: str = "auto"         # "auto", or a torch device: "cpu", "cuda", "cuda:1"
+    dtype: DType = "float32"     # model parameters
+    backend: Backend = "auto"    # model ops
     num_threads: Optional[int] = None
     #: On the CPU, flush denormal floats to zero: the AEV Gaussians underflow into denormals, and
     #: arithmetic on them made a CPU training step ~50× slower.
@@ -130,7 +191,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    curriculum: list = field(default_factory=_default_curriculum)
+    curriculum: list[PhaseConfig] = field(default_factory=_default_curriculum)
     #: Train at most this many steps per epoch (None: the whole epoch); for tests and benchmarks.
     max_steps_per_epoch: Optional[int] = None
     log_every: int = 10
@@ -142,166 +203,119 @@ class TrainConfig:
     tensorboard: bool = True
 
 
-#: Element types of list fields that hold dataclasses.
-LIST_ITEM_TYPES = {(TrainConfig, "curriculum"): PhaseConfig}
+# -- loading ---------------------------------------------------------------------------------------
+def _config_error(e: OmegaConfBaseException, key: str) -> ConfigError:
+    """OmegaConf's error as one line that starts with the full dotted key (``a.0.b``, not ``a[0].b``)."""
+    full = re.sub(r"\[([^\]]*)\]", r".\1", getattr(e, "full_key", None) or key or "")
+    msg = " ".join(str(getattr(e, "msg", None) or e).split("\n")[0].split())
+    if isinstance(e, (ConfigAttributeError, ConfigKeyError)) and "not in" in msg:
+        schema = getattr(e, "object_type", None)
+        if not dataclasses.is_dataclass(schema):
+            return ConfigError(f"unknown config key {full!r}")
+        known = ", ".join(f.name for f in dataclasses.fields(schema))
+        return ConfigError(f"unknown config key {full!r}; known here: {known}")
+    return ConfigError(f"{full}: {msg}" if full else msg)
 
 
-def _strip_optional(tp):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
+def _ensure_mapping(cfg: DictConfig, key: str) -> None:
+    """Make the absent or None mapping at ``key`` an empty one (its parents too, up to a list item)."""
+    if isinstance(OmegaConf.select(cfg, key), (DictConfig, ListConfig)):
+        return
+    parent, _, last = key.rpartition(".")
+    if parent and not parent.rpartition(".")[2].isdigit():
+        _ensure_mapping(cfg, parent)
+    OmegaConf.update(cfg, parent, {last: {}}, merge=True) if parent else cfg.merge_with({last: {}})
 
 
-def _convert(value: Any, tp, key: str, item_type=None):
-    tp, optional = _strip_optional(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise ConfigError(f"{key}: must not be empty (expected {getattr(tp, '__name__', tp)})")
-    try:
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-            return _fill(tp(), value, key)
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            words = {"true": True, "yes": True, "on": True, "1": True,
-                     "false": False, "no": False, "off": False, "0": False}
-            if isinstance(value, str) and value.lower() in words:
-                return words[value.lower()]
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(value, 0)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if tp is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
-            return str(value)
-        if tp is list or typing.get_origin(tp) is list:
-            if isinstance(value, tuple):
-                value = list(value)
-            if not isinstance(value, list):
-                raise ValueError
-            if item_type is not None:
-                return [_convert(v, item_type, f"{key}.{n}") for n, v in enumerate(value)]
-            return list(value)
-        if tp is dict:
-            if not isinstance(value, dict):
-                raise ValueError
-            return dict(value)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError):
-        pass
-    else:
-        return value
-    raise ConfigError(f"{key}: cannot use {value!r} as {getattr(tp, '__name__', tp)}")
+def _set(cfg: DictConfig, key: str, value) -> None:
+    """Merge the plain YAML ``value`` into ``cfg`` at the dotted ``key``.
 
-
-def _fields(obj) -> dict:
-    return {f.name: f for f in dataclasses.fields(obj)}
-
-
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _fill(obj, values: dict, prefix: str = ""):
-    hints = _hints(type(obj))
-    names = _fields(obj)
-    for k, v in values.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in names:
-            raise ConfigError(f"unknown config key {key!r}; known here: {', '.join(names)}")
-        setattr(obj, k, _convert(v, hints[k], key, LIST_ITEM_TYPES.get((type(obj), k))))
-    return obj
-
-
-def apply_override(cfg: TrainConfig, item: str) -> None:
-    """Apply one ``dotted.key=value`` override in place."""
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    value = yaml.safe_load(raw) if raw.strip() else None
+    Mappings merge key by key and lists of mappings item by item, into nodes that are already in
+    the tree, so that OmegaConf's errors carry the full key (``OmegaConf.merge`` checks new list
+    items and mapping values apart from the tree, and its errors then name the key within them)."""
     parts = key.split(".")
-    obj, path = cfg, []
-    for n, part in enumerate(parts):
-        path.append(part)
-        last = n == len(parts) - 1
-        dotted = ".".join(path)
-        if isinstance(obj, list):
-            try:
-                idx = int(part)
-                obj[idx]
-            except (ValueError, IndexError):
-                raise ConfigError(f"unknown config key {dotted!r}: list index out of range") from None
-            if last:
-                raise ConfigError(f"{dotted}: set a field of the list item, e.g. {dotted}.epochs=3")
-            obj = obj[idx]
-            continue
-        if not dataclasses.is_dataclass(obj) or part not in _fields(obj):
-            known = ", ".join(_fields(obj)) if dataclasses.is_dataclass(obj) else "none"
-            raise ConfigError(f"unknown config key {dotted!r}; known here: {known}")
-        if last:
-            tp = _hints(type(obj))[part]
-            setattr(obj, part, _convert(value, tp, dotted, LIST_ITEM_TYPES.get((type(obj), part))))
+    for n in range(1, len(parts)):    # an index past the end of a list: say so (OmegaConf doesn't)
+        node = OmegaConf.select(cfg, ".".join(parts[:n]))
+        if isinstance(node, ListConfig) and not (parts[n].isdigit() and int(parts[n]) < len(node)):
+            raise ConfigError(f"unknown config key {'.'.join(parts[:n + 1])!r}: "
+                              f"{'.'.join(parts[:n])} has {len(node)} items")
+    try:
+        if len(parts) > 1 and not parts[-2].isdigit():
+            _ensure_mapping(cfg, ".".join(parts[:-1]))
+        if isinstance(value, dict):
+            _ensure_mapping(cfg, key)
+            for k, v in value.items():
+                _set(cfg, f"{key}.{k}", v)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            OmegaConf.update(cfg, key, [{}] * len(value), merge=True)   # a list is replaced
+            for n, v in enumerate(value):
+                _set(cfg, f"{key}.{n}", v)
         else:
-            obj = getattr(obj, part)
-            if obj is None:
-                raise ConfigError(f"{dotted} is empty; set it as a whole first")
+            OmegaConf.update(cfg, key, value, merge=True)
+    except OmegaConfBaseException as e:
+        raise _config_error(e, key) from None
+
+
+def _read_yaml(path: str | Path) -> dict:
+    try:
+        values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as e:
+        raise ConfigError(f"{path}: cannot read the YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, "
+                          f"got a {type(values).__name__}")
+    return values
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file (if any), then the overrides in order."""
-    cfg = TrainConfig()
+    """Defaults, then the YAML file (if any), then the ``dotted.key=value`` overrides in order."""
+    cfg = OmegaConf.structured(TrainConfig)
     if path is not None:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
-        _fill(cfg, values)
+        for k, v in _read_yaml(path).items():
+            _set(cfg, str(k), v)
     for item in overrides:
-        apply_override(cfg, item)
-    validate(cfg)
-    return cfg
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse {raw!r} as YAML: {getattr(e, 'problem', e)}") from None
+        _set(cfg, key, value)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _config_error(e, "") from None
+    validate(obj)
+    return obj
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.optim.name not in ("amsgrad", "adam"):
-        raise ConfigError(f"optim.name: {cfg.optim.name!r}; choose amsgrad or adam")
-    if str(cfg.optim.fused).lower() not in ("auto", "true", "false"):
-        raise ConfigError(f"optim.fused: {cfg.optim.fused!r}; choose auto, true or false")
-    if cfg.data.split not in ("group", "conformer"):
-        raise ConfigError(f"data.split: {cfg.data.split!r}; choose group or conformer")
-    if cfg.dtype not in ("float32", "float64"):
-        raise ConfigError(f"dtype: {cfg.dtype!r}; choose float32 or float64")
+    """The checks that span fields or values (types and choices are OmegaConf's)."""
     if not cfg.curriculum:
         raise ConfigError("curriculum: at least one phase is needed")
     for n, ph in enumerate(cfg.curriculum):
         if ph.n_pass < 1 or ph.epochs < 0:
             raise ConfigError(f"curriculum.{n}: n_pass must be ≥ 1 and epochs ≥ 0")
-    unknown = set(cfg.loss.targets) - {"energy", "charges", "volumes"}
-    if unknown:
-        raise ConfigError(f"loss.targets: unknown {sorted(unknown)}; choose from energy, charges, "
-                          f"volumes (forces: loss.forces=true)")
+    if not (0 < cfg.schedule.factor < 1 and cfg.schedule.patience >= 1):
+        raise ConfigError("schedule: factor must be in (0, 1) and patience ≥ 1")
     if cfg.data.mols_per_batch < 1:
         raise ConfigError("data.mols_per_batch must be ≥ 1")
+    if cfg.device != "auto":
+        import torch
+        try:
+            torch.device(cfg.device)
+        except RuntimeError as e:
+            raise ConfigError(f"device: {cfg.device!r} is not 'auto' or a torch device ({e})") from None
 
 
-def to_dict(cfg) -> dict:
+def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML that ``load_config`` reads back to an equal config."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -7,18 +7,26 @@ Atoms of all molecules are stored one after the other, molecule by molecule:
 - ``mol_idx``  (N,)   int64, the molecule each atom belongs to (0..M-1, non-decreasing)
 - ``offsets``  (M+1,) int64, atoms of molecule m are ``offsets[m]:offsets[m+1]``
 
+Training batches (``aimnet_fast.data.collate``) also carry labels and their masks, by name:
+
+- ``labels``   name -> tensor: ``energy`` (M,) float64 Ha, ``forces`` (N, 3) float32 Ha/Å,
+  ``charges`` (N,) e, ``volumes`` (N,) bohr³; a missing value is 0 there
+- ``masks``    name -> bool tensor, (M,) per molecule or (N,) per atom: True where the label is
+  present (the whole row finite)
+- ``conf_idx`` (M,) int64, the conformers of the data set (for ``PackedDataset.name``)
+
 ``validate`` checks what the model cannot check cheaply inside its forward pass, and names the
 molecule in every error.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from .constants import ELEMENTS, PERIODIC_TABLE
-from .errors import InputError
+from .errors import InputError  # also importable from here, as before
 
 #: Atoms closer than this (Å) are reported as overlapping.
 MIN_DISTANCE_A = 0.1
@@ -31,6 +39,9 @@ class Batch:
     mol_idx: torch.Tensor
     offsets: torch.Tensor
     names: list[str] = field(default_factory=list)
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    conf_idx: Optional[torch.Tensor] = None
 
     @property
     def n_mol(self) -> int:
@@ -38,12 +49,46 @@ class Batch:
 
     @property
     def n_atoms(self) -> int:
+        """Atoms of all molecules together (``mol_sizes`` has them per molecule)."""
         return self.numbers.numel()
 
-    def to(self, device=None, dtype=None) -> "Batch":
-        coord = self.coord.to(device=device, dtype=dtype) if dtype else self.coord.to(device)
-        return Batch(self.numbers.to(device), coord, self.mol_idx.to(device),
-                     self.offsets.to(device), list(self.names))
+    @property
+    def mol_sizes(self) -> torch.Tensor:
+        """(M,) int64, the atom count of every molecule."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor of the batch with a name (``labels.<name>``, ``masks.<name>`` for those)."""
+        for k in ("numbers", "coord", "mol_idx", "offsets", "conf_idx"):
+            v = getattr(self, k)
+            if v is not None:
+                yield k, v
+        for k, v in self.labels.items():
+            yield f"labels.{k}", v
+        for k, v in self.masks.items():
+            yield f"masks.{k}", v
+
+    def _map(self, fn, coord_fn=None) -> "Batch":
+        coord_fn = coord_fn or fn
+        return Batch(fn(self.numbers), coord_fn(self.coord), fn(self.mol_idx), fn(self.offsets),
+                     list(self.names), {k: fn(v) for k, v in self.labels.items()},
+                     {k: fn(v) for k, v in self.masks.items()},
+                     None if self.conf_idx is None else fn(self.conf_idx))
+
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> "Batch":
+        """Everything moved to ``device``; only the coordinates are cast to ``dtype``. Labels keep
+        their dtype (energies float64: the loss casts the residuals, not the Hartree totals)."""
+        def move(t):
+            return t if device is None else t.to(device, non_blocking=non_blocking)
+
+        def coord(t):
+            t = move(t)
+            return t.to(dtype) if dtype is not None else t
+        return self._map(move, coord)
+
+    def pin_memory(self) -> "Batch":
+        """A copy in pinned (page-locked) host memory, for asynchronous copies to the GPU."""
+        return self._map(lambda t: t.pin_memory())
 
     @classmethod
     def from_molecules(cls, molecules: Sequence[tuple], names: Sequence[str] | None = None,

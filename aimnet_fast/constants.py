@@ -50,6 +50,3 @@ VOLUME_SCALE_BOHR3 = 47.44
 #: Self-atomic energies of the released model, Hartree, in ELEMENTS order (kept in float64).
 SAE_HA = (-0.60301761, -38.09413832, -54.73224523, -75.23165724,
           -398.19005793, -99.85709063, -460.2047288)
-
-# Conversion factors live in aimnet_fast.units. TEMPORARY re-export while the trainer moves.
-from .units import BOHR_TO_A, HARTREE_TO_EV, HARTREE_TO_KCALMOL  # noqa: E402,F401

@@ -92,8 +92,8 @@ def test_bench_collate(benchmark, guard, packed, mols):
     rate_mean = mols / (benchmark.stats.stats.mean / per_round)
     benchmark.extra_info["molecules_per_s_median"] = round(rate)
     benchmark.extra_info["molecules_per_s_mean"] = round(rate_mean)
-    benchmark.extra_info["atoms_per_batch"] = int(b["numbers"].shape[0])
-    print(f"\ncollate: {mols} molecules ({b['numbers'].shape[0]} atoms) in {s * 1e6:.0f} us (median) -> "
+    benchmark.extra_info["atoms_per_batch"] = b.n_atoms
+    print(f"\ncollate: {mols} molecules ({b.n_atoms} atoms) in {s * 1e6:.0f} us (median) -> "
           f"{rate:,.0f} molecules/s on one core ({rate_mean:,.0f} from the mean); 100k molecules/s "
           f"needs {100_000 / rate:.2f} ({100_000 / rate_mean:.2f}) loader processes")
 

@@ -27,9 +27,11 @@ CORES = os.cpu_count() or 1
 
 def setup(rank: int, world: int, n_pass: int):
     from aimnet_fast import data as D
-    from aimnet_fast.train.config import LossConfig, OptimConfig
     from aimnet_fast.model import AIMNet
-    from aimnet_fast.train.trainer import Dist, make_optimizer, place
+    from aimnet_fast.train.config import OptimConfig
+    from aimnet_fast.train.dist import Dist
+    from aimnet_fast.train.model_setup import place
+    from aimnet_fast.train.optim import make_optimizer
     # One thread per rank when ranks fill the cores; a single rank keeps the benchmarks' setting
     # (bench/conftest.py: one thread, BENCH_THREADS to change), which the guard relies on.
     torch.set_num_threads(max(1, CORES // world) if world > 1 else torch.get_num_threads())
@@ -50,7 +52,7 @@ def setup(rank: int, world: int, n_pass: int):
 
 def step_fn(n_pass, ddp, opt, batch, dist):
     from aimnet_fast.train.config import LossConfig
-    from aimnet_fast.train.trainer import train_step
+    from aimnet_fast.train.step import train_step
     return train_step(ddp, opt, batch, LossConfig(), ["energy", "charges"], n_pass, dist)
 
 
@@ -116,8 +118,8 @@ def test_bench_train_step(benchmark, guard, world, n_pass):
     mean = benchmark.stats.stats.mean if benchmark.stats else sum(times) / len(times)
     rate = n_mol["global"] / mean
     benchmark.extra_info.update(ranks=world, n_pass=n_pass, global_molecules=n_mol["global"],
-                                threads_per_rank=max(1, CORES // world) if world > 1 else threads, optimizer=desc,
-                                molecules_per_s=round(rate, 1))
+                                threads_per_rank=max(1, CORES // world) if world > 1 else threads,
+                                optimizer=desc, molecules_per_s=round(rate, 1))
     print(f"\n{world} rank(s), T={n_pass}: {n_mol['global']} molecules per step, {mean:.3f} s/step, "
           f"{rate:.1f} molecules/s ({desc})")
     assert all(p.exitcode == 0 for p in procs)

@@ -21,7 +21,7 @@ def gpu_batch():
     ds = D.load_dataset(D.default_sources())
     idx = next(iter(D.BatchSampler(ds, None, mols_per_batch=380, seed=0)))
     b = D.collate(ds, idx)
-    return ds, {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
+    return ds, b.to("cuda")
 
 
 @pytest.mark.parametrize("n_pass", [1, 3])
@@ -32,7 +32,10 @@ def test_train_step_gpu(benchmark, guard, gpu_batch, impl, precision, n_pass):
     from aimnet_fast.flops import count
     from aimnet_fast.model import AIMNet
     from aimnet_fast.neighbors import build_neighbors
-    from aimnet_fast.train.trainer import Dist, make_optimizer, place, train_step
+    from aimnet_fast.train.dist import Dist
+    from aimnet_fast.train.model_setup import place
+    from aimnet_fast.train.optim import make_optimizer
+    from aimnet_fast.train.step import train_step
 
     ds, batch = gpu_batch
     torch.manual_seed(0)
@@ -49,9 +52,9 @@ def test_train_step_gpu(benchmark, guard, gpu_batch, impl, precision, n_pass):
     t = guard.measure_cuda(benchmark, step, rounds=10, inner=3)
     if t is None:
         return
-    nb = build_neighbors(batch["coord"], batch["mol_idx"])
-    n_mol = batch["n_atoms"].numel()
-    work = count(batch["numbers"].numel(), nb.radial.shape[1], nb.triplets.shape[1],
+    nb = build_neighbors(batch.coord, batch.mol_idx)
+    n_mol = batch.n_mol
+    work = count(batch.n_atoms, nb.radial.shape[1], nb.triplets.shape[1],
                  nb.pairs.shape[1], n_pass=n_pass)
     mfu = work.train_flop / t / PEAK[precision]
     benchmark.extra_info.update(molecules_per_s=n_mol / t, mfu=mfu, optimizer=desc)

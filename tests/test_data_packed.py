@@ -44,7 +44,8 @@ def test_cache_equals_direct_read_and_is_memory_mapped(synth, tmp_path, monkeypa
         len(range(0, n, 50)) for n in np.bincount(direct.group))
     folders = os.listdir(tmp_path / "cache")
     assert len(folders) == 1 and folders[0].startswith("synthetic_ani1x-")
-    assert sorted(os.listdir(tmp_path / "cache" / folders[0]))[:3] == ["conf_index.npy", "conf_offsets.npy", "coord.npy"]
+    assert sorted(os.listdir(tmp_path / "cache" / folders[0]))[:3] == ["conf_index.npy", "conf_offsets.npy",
+                                                                       "coord.npy"]
     # a second load reuses the cache (no new folder), also when the reader would now fail
     monkeypatch.setattr(readers, "iter_blocks", None)
     again = load_dataset(path, cache_dir=tmp_path / "cache")
@@ -135,7 +136,8 @@ def test_synthetic_labels_consistent(synth):
     with h5py.File(path, "r") as f:
         g = f[sorted(f)[0]]
         c = 1
-        e0 = g["wb97x_tz.energy"][c] - 0.5 * K_HA_PER_A2 * (g["wb97x_tz.forces"][c].astype(np.float64) ** 2).sum() / K_HA_PER_A2 ** 2
+        f2 = (g["wb97x_tz.forces"][c].astype(np.float64) ** 2).sum()
+        e0 = g["wb97x_tz.energy"][c] - 0.5 * K_HA_PER_A2 * f2 / K_HA_PER_A2 ** 2
     a, b = ds.conf_offsets[c], ds.conf_offsets[c + 1]
     d = -ds.labels["forces"][a:b].astype(np.float64) / K_HA_PER_A2
     assert abs(ds.labels["energy"][c] - (e0 + 0.5 * K_HA_PER_A2 * (d ** 2).sum())) < 1e-9
@@ -147,23 +149,24 @@ def test_collate(synth):
     idx = np.array([5, 0, 1999, 49, 50, 700])
     b = collate(ds, idx)
     n = [int(ds.conf_offsets[i + 1] - ds.conf_offsets[i]) for i in idx]
-    assert b["offsets"].tolist() == [0] + list(np.cumsum(n))
-    assert b["n_atoms"].tolist() == n and b["conf_idx"].tolist() == idx.tolist()
-    assert b["mol_idx"].tolist() == sum(([m] * k for m, k in enumerate(n)), [])
+    assert b.offsets.tolist() == [0] + list(np.cumsum(n)) and b.n_mol == len(idx)
+    assert b.mol_sizes.tolist() == n and b.conf_idx.tolist() == idx.tolist()
+    assert b.mol_idx.tolist() == sum(([m] * k for m, k in enumerate(n)), [])
     for m, i in enumerate(idx):
         a0, a1 = ds.conf_offsets[i], ds.conf_offsets[i + 1]
-        o0, o1 = b["offsets"][m], b["offsets"][m + 1]
-        assert torch.equal(b["numbers"][o0:o1], torch.from_numpy(ds.numbers[a0:a1]))
-        assert torch.equal(b["coord"][o0:o1], torch.from_numpy(ds.coord[a0:a1]))
-        assert torch.equal(b["forces"][o0:o1], torch.from_numpy(ds.labels["forces"][a0:a1]))
+        o0, o1 = b.offsets[m], b.offsets[m + 1]
+        assert torch.equal(b.numbers[o0:o1], torch.from_numpy(ds.numbers[a0:a1]))
+        assert torch.equal(b.coord[o0:o1], torch.from_numpy(ds.coord[a0:a1]))
+        assert torch.equal(b.labels["forces"][o0:o1], torch.from_numpy(ds.labels["forces"][a0:a1]))
         e = ds.labels["energy"][i]
-        assert b["energy_mask"][m].item() == np.isfinite(e)
-        assert b["energy"][m].item() == (e if np.isfinite(e) else 0.0)
-    assert b["energy"].dtype == torch.float64 and b["coord"].dtype == torch.float32
-    assert b["forces_mask"].shape == (b["numbers"].shape[0],) and b["forces_mask"].all()
+        assert b.masks["energy"][m].item() == np.isfinite(e)
+        assert b.labels["energy"][m].item() == (e if np.isfinite(e) else 0.0)
+    assert b.labels["energy"].dtype == torch.float64 and b.coord.dtype == torch.float32
+    assert b.masks["forces"].shape == (b.numbers.shape[0],) and b.masks["forces"].all()
     # every 50th conformer of a group has no energy: conformers 0 and 50 of group 0 (118 conformers)
-    assert b["energy_mask"].tolist() == [True, False, True, True, False, True]
-    assert b["charges"].shape == b["volumes"].shape == b["numbers"].shape
+    assert b.masks["energy"].tolist() == [True, False, True, True, False, True]
+    assert b.labels["charges"].shape == b.labels["volumes"].shape == b.numbers.shape
+    assert set(b.labels) == set(b.masks) == set(ds.labels)
 
 
 def test_fit_sae_robust_against_outliers(synth):

@@ -111,5 +111,22 @@ def test_sampler_resume_mid_epoch(ds):
     resumed = list(b)
     assert len(resumed) == len(rest) == len(a) - 7
     assert all(np.array_equal(x, y) for x, y in zip(rest, resumed))
-    with pytest.raises(ValueError):
+    with pytest.raises(DataError, match="saved by a run of world size 2, this run has world size 3"):
         BatchSampler(ds, seed=5, mols_per_batch=50, rank=0, world_size=3).load_state_dict(state)
+    with pytest.raises(DataError, match=f"for {ds.n_conf} conformers, this run samples 10\\b"):
+        BatchSampler(ds, np.arange(10), seed=5, mols_per_batch=50, rank=1,
+                     world_size=2).load_state_dict(state)
+
+
+def test_sampler_state_with_read_ahead(ds):
+    """A loader that has read one batch ahead saves the position of the batches it used."""
+    a = BatchSampler(ds, seed=3, mols_per_batch=64)
+    it = iter(a)
+    used = [next(it) for _ in range(3)]
+    next(it)  # read ahead, not used
+    state = a.state_dict(position=len(used))
+    b = BatchSampler(ds, seed=3, mols_per_batch=64)
+    b.load_state_dict(state)
+    c = BatchSampler(ds, seed=3, mols_per_batch=64)
+    rest, ref = list(b), list(c)[3:]
+    assert len(rest) == len(ref) > 0 and all(np.array_equal(x, y) for x, y in zip(rest, ref))

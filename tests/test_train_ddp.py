@@ -11,7 +11,10 @@ import torch.multiprocessing as mp
 
 from aimnet_fast.train.config import LossConfig, OptimConfig
 from aimnet_fast.model import AIMNet
-from aimnet_fast.train.trainer import Dist, make_optimizer, place, train_step
+from aimnet_fast.train.dist import Dist
+from aimnet_fast.train.model_setup import place
+from aimnet_fast.train.optim import make_optimizer
+from aimnet_fast.train.step import train_step
 
 from test_train_common import make_batch, sample_conformers
 
@@ -24,14 +27,14 @@ NAN_STEP, NAN_RANK = 2, 1
 def batches(confs, step, rank, nan=False):
     b = make_batch([confs[i] for i in PLAN[step][rank]])
     if nan and step == NAN_STEP and rank == NAN_RANK:
-        b["energy"][0] = float("nan")  # a bad label the mask does not catch
+        b.labels["energy"][0] = float("nan")  # a bad label the mask does not catch
     return b
 
 
 def global_batch(confs, step, nan=False):
     b = make_batch([confs[i] for i in PLAN[step][0] + PLAN[step][1]])
     if nan and step == NAN_STEP:
-        b["energy"][len(PLAN[step][0])] = float("nan")
+        b.labels["energy"][len(PLAN[step][0])] = float("nan")
     return b
 
 
@@ -49,7 +52,7 @@ def run_steps(dtype, rank, world, nan):
     oks = []
     for step in range(len(PLAN)):
         b = batches(confs, step, rank, nan) if world > 1 else global_batch(confs, step, nan)
-        b["coord"] = b["coord"].to(dtype)
+        b = b.to(dtype=dtype)
         res = train_step(ddp, opt, b, LossConfig(), TARGETS, n_pass=3, dist=dist)
         oks.append((res.ok, res.loss, res.n_mol))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, oks

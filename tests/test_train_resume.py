@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 from aimnet_fast.train import config as C
 from aimnet_fast.checkpoint import load_model, save_model
 from aimnet_fast.model import AIMNet
+from aimnet_fast.train.dist import process_settings
 from aimnet_fast.train.trainer import run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +33,18 @@ def env():
     return e
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys):
+@pytest.fixture
+def as_main():
+    """The process-wide settings ``main`` applies (one thread, denormals flushed), so that the runs
+    in this process compute what the command line's child process computes, bit for bit."""
+    threads = torch.get_num_threads()
+    process_settings(1, True, torch.device("cpu"))
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(False)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, as_main):
     # Uninterrupted, in this process.
     ref_dir = tmp_path / "ref"
     run(C.load_config(None, ARGS + [f"run_dir={ref_dir}"]))
@@ -56,6 +67,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys):
     assert proc.returncode == -signal.SIGKILL, "".join(lines)
     killed = torch.load(run_dir / "last.pt", weights_only=False)["training"]["state"]
     assert (killed["phase"], killed["epoch"]) == (0, 1) and 0 < killed["step"] < 6, killed
+    # The sampler's own state is saved (and restored): epoch 2 of the run, as far as the steps.
+    assert (killed["sampler"]["epoch"], killed["sampler"]["position"]) == (1, killed["step"])
 
     # Resume in this process from the child's last checkpoint.
     cfg = C.load_config(run_dir / "config.yaml", ["resume=true"])
@@ -73,7 +86,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys):
         for key in a:
             assert torch.equal(a[key], b[key]), key
     assert (run_dir / "metrics.csv").read_text().splitlines()[1:] != []
-    rows = lambda p: [r.split(",")[1:] for r in (p / "metrics.csv").read_text().splitlines()]
+    def rows(p):
+        return [r.split(",")[1:] for r in (p / "metrics.csv").read_text().splitlines()]
     assert rows(run_dir) == rows(ref_dir)  # all but the wall-clock column
 
 

@@ -1,5 +1,6 @@
 """Whole runs on small data: the run folder, the T=1 → T=3 switch, fine-tuning a released model
-with a frozen backbone, NaN steps stopping a run, and two gloo ranks under torchrun."""
+with a frozen backbone, NaN steps stopping a run, two gloo ranks under torchrun, and a resume with
+another world size."""
 from __future__ import annotations
 
 import csv
@@ -8,13 +9,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
-from aimnet_fast.train import config as C
-from aimnet_fast import train as T
+from aimnet_fast import data as D
 from aimnet_fast.checkpoint import convert_released, load_model, save_model
+from aimnet_fast.errors import DataError, TrainingError
+from aimnet_fast.train import config as C
+from aimnet_fast.train import step as S
+from aimnet_fast.train import trainer as T
+from aimnet_fast.train.batches import device_batches, load_data
+from aimnet_fast.train.dist import Dist
+from aimnet_fast.train.model_setup import zero_last_update_layer
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.max_conformers=40", "data.mols_per_batch=4", "max_steps_per_epoch=5", "num_threads=1",
@@ -27,8 +36,8 @@ def cfg_for(tmp_path, *extra):
 
 def predict(model, batch, n_pass):
     with torch.no_grad():
-        return model(batch["numbers"], batch["coord"].to(model.afv_table.dtype), batch["mol_idx"],
-                     int(batch["n_atoms"].numel()), n_pass=n_pass)
+        return model(batch.numbers, batch.coord.to(model.afv_table.dtype), batch.mol_idx, batch.n_mol,
+                     n_pass=n_pass)
 
 
 def test_default_config_file_is_the_defaults():
@@ -50,8 +59,7 @@ def test_run_folder_and_falling_validation_loss(tmp_path, capsys):
     assert rows[3]["val_energy_mae_p3"] and not rows[0]["val_energy_mae_p3"]
     assert "val energy MAE/RMSE (kcal/mol) p1" in out and "mol/s" in out and "AMSGrad (fused" in out
     # Checkpoints load as models and carry the fitted SAE (in float64).
-    from aimnet_fast import data as D
-    ds, train_idx, _ = T.load_data(cfg, T.Dist(), print)
+    ds, train_idx, _ = load_data(cfg, Dist(), print)
     sae = D.fit_sae(ds, indices=train_idx)
     for name in ("last.pt", "best.pt"):
         m = load_model(run / name)
@@ -74,7 +82,7 @@ def test_phase_switch_keeps_predictions(tmp_path):
     assert before.n_pass == 1
     after = trainer.model
     assert after.n_pass == 3 and not after.update_mlp[-1].weight.any()
-    batch = trainer.collate(trainer.val_idx[:6])
+    batch = D.collate(trainer.ds, trainer.val_idx[:6])
     p1, p3 = predict(before, batch, 1), predict(after, batch, 3)
     for key in ("energy", "charges", "volumes"):
         for t in range(3):
@@ -88,7 +96,7 @@ def test_zero_update_exact_in_float64():
     m = AIMNet(backend="torch").double()
     batch = make_batch(sample_conformers()[:4])
     p1 = predict(m, batch, 1)
-    T.zero_last_update_layer(m)
+    zero_last_update_layer(m)
     p3 = predict(m, batch, 3)
     for key in ("energy", "charges", "volumes"):
         torch.testing.assert_close(p3["passes"][key], p1[key].expand_as(p3["passes"][key]),
@@ -120,21 +128,25 @@ def test_finetune_new_energy_head_on_frozen_released_backbone(tmp_path, shared):
 
 def test_repeated_nan_steps_stop_the_run_and_keep_the_checkpoint(tmp_path, monkeypatch, capsys):
     calls = {"n": 0}
-    real = T.loss_fn
+    real = S.loss_fn
 
     def flaky(*a, **k):
         calls["n"] += 1
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] > 3 else loss
 
-    monkeypatch.setattr(T, "loss_fn", flaky)
+    monkeypatch.setattr(S, "loss_fn", flaky)
+    # The loader reads one batch ahead (as on CUDA): the checkpoint still holds the steps taken.
+    monkeypatch.setattr(T, "device_batches", functools.partial(device_batches, prefetch=True))
     cfg = cfg_for(tmp_path, "checkpoint_every=1", "max_bad_steps=2", "curriculum.0.epochs=1",
                   "plot=false")
     trainer = T.Trainer(cfg)
-    with pytest.raises(T.TrainingError, match="2 consecutive steps had a NaN/inf loss"):
+    with pytest.raises(TrainingError, match="2 consecutive steps had a NaN/inf loss"):
         trainer.fit()
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert ck["training"]["state"]["step"] == 3
+    assert ck["training"]["state"]["sampler"]["position"] == 3
+    assert ck["training"]["state"]["sampler"]["epoch"] == 0
     for k, v in trainer.model.state_dict().items():
         assert torch.isfinite(v.double()).all()
         assert torch.equal(ck["state_dict"][k], v), k  # the skipped steps did not touch the weights
@@ -168,16 +180,34 @@ def test_forces_term_trains(tmp_path):
     assert trainer.targets == ["energy", "charges", "forces"]
     row = trainer.fit()
     assert float(row["val_forces_mae_last"]) > 0 and np.isfinite(float(row["val_loss"]))
-    assert trainer.state["bad_steps"] == 0
+    assert trainer.state.bad_steps == 0
 
 
 def test_prefetched_batches_are_the_same(tmp_path):
     """The background-thread batch assembly (used on CUDA) yields exactly the plain batches."""
     trainer = T.Trainer(cfg_for(tmp_path, "plot=false"))
     trainer.train_sampler.set_epoch(0)
-    plain = list(trainer.batches(iter(trainer.train_sampler), 4, prefetch=False))
+    args = (trainer.ds, iter(trainer.train_sampler), 4, trainer.dist.device, trainer.dtype)
+    plain = list(device_batches(*args, prefetch=False))
     trainer.train_sampler.set_epoch(0)
-    ahead = list(trainer.batches(iter(trainer.train_sampler), 4, prefetch=True))
+    args = (trainer.ds, iter(trainer.train_sampler), 4, trainer.dist.device, trainer.dtype)
+    ahead = list(device_batches(*args, prefetch=True))
     assert len(plain) == len(ahead) == 4
     for a, b in zip(plain, ahead):
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ta, tb = dict(a.tensors()), dict(b.tensors())
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+        assert ta.keys() >= {"labels.energy", "masks.energy", "conf_idx"}
+
+
+def test_resume_with_another_world_size_is_an_error(tmp_path):
+    """The sampler's plan deals each step to the ranks: its saved state resumes only with the
+    world size it was saved with, and says so."""
+    cfg = cfg_for(tmp_path, "curriculum.0.epochs=1", "curriculum.1.epochs=0", "plot=false",
+                  "max_steps_per_epoch=2")
+    T.run(cfg)
+    resumed = C.load_config(tmp_path / "run" / "config.yaml", ["resume=true"])
+    # Rank 0 of 2 without a process group: collectives are no-ops, the sampler deals to 2 ranks.
+    trainer = T.Trainer(resumed, Dist(rank=0, world_size=2))
+    with pytest.raises(DataError, match="world size 1, this run has world size 2") as e:
+        trainer.fit()
+    assert str(tmp_path / "run" / "last.pt") in str(e.value)

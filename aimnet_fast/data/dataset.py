@@ -117,7 +117,7 @@ class PackedDataset:
                             t[k2] += v2
                 elif isinstance(v, int):
                     tot[k] = tot.get(k, 0) + v
-        for n, t in tot["labels"].items():
+        for t in tot["labels"].values():
             # conformers of sources that never declared the label count as absent
             t["absent"] += self.n_conf - sum(t[k] for k in ("used", "nan", "zero", "absent"))
         return tot
@@ -308,54 +308,6 @@ def _load(srcs: list[dict], cache_dir=None) -> PackedDataset:
 def load_source(src: dict, cache_dir=None) -> PackedDataset:
     """One source (a dict as in ``readers``); with ``cache_dir`` build or reuse its packed cache."""
     return _load([src], cache_dir)
-
-
-def concat(parts: list[PackedDataset]) -> PackedDataset:
-    """Join datasets (copies into memory). Labels missing from a part are NaN there."""
-    if len(parts) == 1:
-        return parts[0]
-    per = {}
-    for p in parts:
-        for n, v in p.label_per.items():
-            if per.setdefault(n, v) != v:
-                raise DataError(f"label {n!r} is per {per[n]} in one source and per {v} in another")
-    atoms = [int(p.conf_offsets[-1]) for p in parts]
-    labels = {}
-    for n in per:
-        chunks = []
-        ref = next(p.labels[n] for p in parts if n in p.labels)
-        for p, a in zip(parts, atoms):
-            if n in p.labels:
-                chunks.append(np.asarray(p.labels[n]))
-            else:
-                rows = a if per[n] == "atom" else p.n_conf
-                chunks.append(np.full((rows,) + ref.shape[1:], np.nan, ref.dtype))
-        labels[n] = np.concatenate(chunks)
-    off = [np.zeros(1, np.int64)]
-    a0 = 0
-    for p, a in zip(parts, atoms):
-        off.append(np.asarray(p.conf_offsets[1:]) + a0)
-        a0 += a
-    g0, h0, group, h5group, source = 0, 0, [], [], []
-    sources, gnames, hnames, counts = [], [], [], []
-    for p in parts:
-        group.append(np.asarray(p.group) + g0)
-        h5group.append(np.asarray(p.h5group) + h0)
-        source.append(np.asarray(p.source, np.int64) + len(sources))
-        g0 += len(p.group_names)
-        h0 += len(p.h5group_names)
-        sources += p.sources
-        gnames += p.group_names
-        hnames += p.h5group_names
-        counts += p.counts
-    if len(sources) > np.iinfo(np.int16).max:
-        raise DataError("too many sources")
-    return PackedDataset(np.concatenate([p.numbers for p in parts]),
-                         np.concatenate([p.coord for p in parts]), np.concatenate(off), labels,
-                         np.concatenate(group), np.concatenate(source).astype(np.int16), sources,
-                         label_per=per, group_names=gnames, h5group=np.concatenate(h5group),
-                         h5group_names=hnames,
-                         conf_index=np.concatenate([p.conf_index for p in parts]), counts=counts)
 
 
 def load_dataset(sources, cache_dir=None) -> PackedDataset:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..batch import Batch
 from ..errors import DataError
 
 
@@ -84,12 +85,14 @@ class BatchSampler:
     Each step takes the next ``world_size × mols_per_batch`` conformers (or conformers up to
     ``world_size × atoms_per_batch`` atoms) of the epoch's seeded permutation and deals them to the
     ranks largest first, each to the rank with the fewest atoms so far (one per rank and round), so
-    ranks get the same number of molecules (±1) and close atom counts. Every rank computes the same plan, so ``len`` is the same on every rank. The last
-    step is smaller; where it has fewer conformers than ranks it is padded with conformers from the
-    start of the epoch, so that no rank gets an empty batch.
+    ranks get the same number of molecules (±1) and close atom counts. Every rank computes the same
+    plan, so ``len`` is the same on every rank. The last step is smaller; where it has fewer
+    conformers than ranks it is padded with conformers from the start of the epoch, so that no rank
+    gets an empty batch.
 
     ``set_epoch(e)`` reshuffles (seed and epoch give the order); ``state_dict``/``load_state_dict``
-    hold the epoch and the steps already yielded, to resume mid-epoch.
+    hold the epoch and the steps already taken, to resume mid-epoch. The plan depends on the world
+    size, so a state resumes only with the world size (and index set) it was saved with.
     """
 
     def __init__(self, ds, indices=None, mols_per_batch: int = 380, atoms_per_batch: int | None = None,
@@ -152,25 +155,37 @@ class BatchSampler:
             yield b
         self.position = 0
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "world_size": self.world_size, "n_indices": int(self.indices.size)}
+    def state_dict(self, position: int | None = None) -> dict:
+        """Epoch and position (batches of the epoch used so far; default: those yielded). A loader
+        that reads batches ahead of the steps passes the number of steps it has taken."""
+        return {"epoch": self.epoch, "position": self.position if position is None else int(position),
+                "seed": self.seed, "world_size": self.world_size, "n_indices": int(self.indices.size)}
 
-    def load_state_dict(self, state: dict):
-        if state["world_size"] != self.world_size or state["n_indices"] != self.indices.size:
-            raise ValueError("sampler state from another world size or index set")
+    def load_state_dict(self, state: dict, source: str = "-"):
+        """Continue where ``state`` left off; ``source`` names where the state came from (a
+        checkpoint file) in the DataError raised for another world size or index set."""
+        if state["world_size"] != self.world_size:
+            raise DataError(f"the batch sampler state was saved by a run of world size "
+                            f"{state['world_size']}, this run has world size {self.world_size}: the "
+                            f"epoch's batches are dealt to the ranks, so resume with "
+                            f"{state['world_size']} process(es)", file=source)
+        if state["n_indices"] != self.indices.size:
+            raise DataError(f"the batch sampler state is for {state['n_indices']} conformers, this "
+                            f"run samples {self.indices.size}", file=source)
+        if not 0 <= int(state["position"]) <= len(self._plan(int(state["epoch"]))):
+            raise DataError(f"batch sampler position {state['position']} outside the epoch", file=source)
         self.seed = int(state["seed"])
         self.set_epoch(state["epoch"])
         self.position = int(state["position"])
 
 
-def collate(ds, conf_idx) -> dict:
-    """A batch as torch tensors (CPU).
+def collate(ds, conf_idx) -> Batch:
+    """A training ``Batch`` (CPU tensors) of the conformers ``conf_idx`` of ``ds``.
 
     numbers (N,) int64; coord (N, 3) float32 Å; mol_idx (N,) int64; offsets (M+1,) int64;
-    n_atoms (M,) int64; conf_idx (M,) int64 (indices into ``ds``, for ``ds.name``); for each label
-    ``<name>`` (energy (M,) float64 Ha, forces (N, 3) float32 Ha/Å, charges (N,) e, volumes (N,)
-    bohr³) and ``<name>_mask`` (bool, (M,) per conformer, (N,) per atom: the whole row finite);
+    conf_idx (M,) int64 (indices into ``ds``, for ``ds.name``); ``labels[name]`` for each label of
+    the data set (energy (M,) float64 Ha, forces (N, 3) float32 Ha/Å, charges (N,) e, volumes (N,)
+    bohr³) and ``masks[name]`` (bool, (M,) per conformer, (N,) per atom: the whole row finite);
     masked values are 0.
     """
     idx = np.asarray(conf_idx, np.int64)
@@ -180,14 +195,7 @@ def collate(ds, conf_idx) -> dict:
     np.cumsum(n, out=offsets[1:])
     tot = int(offsets[-1])
     atom = np.repeat(start - offsets[:-1], n) + np.arange(tot)
-    out = {
-        "numbers": torch.from_numpy(np.asarray(ds.numbers[atom], np.int64)),
-        "coord": torch.from_numpy(np.ascontiguousarray(ds.coord[atom], np.float32)),
-        "mol_idx": torch.from_numpy(np.repeat(np.arange(idx.size), n)),
-        "offsets": torch.from_numpy(offsets),
-        "n_atoms": torch.from_numpy(n.astype(np.int64)),
-        "conf_idx": torch.from_numpy(idx.copy()),
-    }
+    labels, masks = {}, {}
     for name, arr in ds.labels.items():
         v = np.array(arr[atom] if ds.label_per.get(name) == "atom" else arr[idx])
         fin = np.isfinite(v)
@@ -195,6 +203,10 @@ def collate(ds, conf_idx) -> dict:
         if not fin.all():
             v[~mask] = 0.0
             v[~fin] = 0.0
-        out[name] = torch.from_numpy(v)
-        out[name + "_mask"] = torch.from_numpy(mask)
-    return out
+        labels[name] = torch.from_numpy(v)
+        masks[name] = torch.from_numpy(mask)
+    return Batch(numbers=torch.from_numpy(np.asarray(ds.numbers[atom], np.int64)),
+                 coord=torch.from_numpy(np.ascontiguousarray(ds.coord[atom], np.float32)),
+                 mol_idx=torch.from_numpy(np.repeat(np.arange(idx.size), n)),
+                 offsets=torch.from_numpy(offsets), labels=labels, masks=masks,
+                 conf_idx=torch.from_numpy(idx.copy()))

@@ -1,2 +1,2 @@
-"""The trainer: ``python -m aimnet_fast.train`` (see ``aimnet_fast.train.trainer``)."""
-from .trainer import main, run  # noqa: F401
+"""The trainer: ``python -m aimnet_fast.train`` (the loop and command line: ``aimnet_fast.train.trainer``)."""
+from .trainer import Trainer, main, run  # noqa: F401

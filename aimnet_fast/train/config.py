@@ -22,10 +22,9 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from ..constants import HARTREE_TO_KCALMOL
+from ..units import KCALMOL_HA
 from ..errors import ConfigError
 
-KCALMOL_HA = 1.0 / HARTREE_TO_KCALMOL  # 1 kcal/mol in Hartree
 
 # -- the choices (checked by OmegaConf) -----------------------------------------------------------
 OptimName = Literal["amsgrad", "adam"]          # "amsgrad": the paper's "Amstrad"

@@ -14,8 +14,8 @@ Loss (the paper's, with masks for missing labels):
   over all ranks when ``reduce_counts`` is given: then every rank divides by the global count and
   the gradient averaged by DDP equals the gradient of one process on the global batch.
 
-Batches are dicts as ``aimnet_fast.data.collate`` returns them: ``numbers`` (N,), ``coord`` (N, 3) Å,
-``mol_idx`` (N,), ``n_atoms`` (M,), and per label ``<name>`` plus ``<name>_mask``.
+Batches are ``aimnet_fast.batch.Batch`` as ``aimnet_fast.data.collate`` returns them: ``coord``
+(N, 3) Å, ``offsets`` (M+1,), ``labels[name]`` and ``masks[name]`` per label (no mask: all present).
 """
 from __future__ import annotations
 
@@ -23,14 +23,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ..batch import Batch
+from ..units import REPORT_UNITS
 from .config import LossConfig
-from ..constants import HARTREE_TO_KCALMOL
 
 #: Target → model head that predicts it.
 TARGET_HEAD = {"energy": "energy", "charges": "elmoments", "volumes": "volume"}
-#: Target → (user unit, factor from the internal unit). Energy errors are per molecule here.
-USER_UNITS = {"energy": ("kcal/mol", HARTREE_TO_KCALMOL), "charges": ("e", 1.0),
-              "volumes": ("bohr3", 1.0), "forces": ("kcal/mol/A", HARTREE_TO_KCALMOL)}
 
 
 def target_weights(cfg: LossConfig) -> dict[str, float]:
@@ -54,7 +52,12 @@ def predicted_forces(out: dict, coord: torch.Tensor, create_graph: bool) -> torc
     return -grad
 
 
-def residuals(out: dict, batch: dict, targets: list[str],
+def _present(batch: Batch, name: str, n: int, device) -> torch.Tensor:
+    mask = batch.masks.get(name)
+    return torch.ones(n, dtype=torch.bool, device=device) if mask is None else mask
+
+
+def residuals(out: dict, batch: Batch, targets: list[str],
               forces: Optional[torch.Tensor] = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per target: (prediction − label) of every pass, (T, n), in internal units (energy per
     molecule in Hartree), and the label mask (n,) bool. Forces: (1, 3N) and a (3N,) mask."""
@@ -64,16 +67,13 @@ def residuals(out: dict, batch: dict, targets: list[str],
         if t == "forces":
             if forces is None:
                 raise ValueError("the forces target needs predicted forces")
-            mask = batch.get("forces_mask", torch.ones(forces.shape[0], dtype=torch.bool,
-                                                       device=forces.device))
-            r = (forces - batch["forces"].to(forces.dtype)).reshape(1, -1)
+            mask = _present(batch, "forces", forces.shape[0], forces.device)
+            r = (forces - batch.labels["forces"].to(forces.dtype)).reshape(1, -1)
             res[t] = (r, mask.repeat_interleave(3))
             continue
         pred = passes[t]
-        label = batch[t].to(pred.dtype)
-        mask = batch.get(f"{t}_mask")
-        if mask is None:
-            mask = torch.ones(label.shape[0], dtype=torch.bool, device=label.device)
+        label = batch.labels[t].to(pred.dtype)
+        mask = _present(batch, t, label.shape[0], label.device)
         res[t] = (pred - label, mask)
     return res
 
@@ -85,7 +85,7 @@ def counts(res: dict, targets: list[str]) -> torch.Tensor:
         torch.zeros(0, dtype=torch.float64, device=dev)
 
 
-def loss_fn(out: dict, batch: dict, cfg: LossConfig, targets: list[str],
+def loss_fn(out: dict, batch: Batch, cfg: LossConfig, targets: list[str],
             forces: Optional[torch.Tensor] = None,
             reduce_counts: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
             world_size: int = 1) -> torch.Tensor:
@@ -97,11 +97,11 @@ def loss_fn(out: dict, batch: dict, cfg: LossConfig, targets: list[str],
     n = counts(res, targets)
     if reduce_counts is not None:
         n = reduce_counts(n)
-    total = torch.zeros((), dtype=torch.float64, device=batch["coord"].device)
+    total = torch.zeros((), dtype=torch.float64, device=batch.coord.device)
     for k, t in enumerate(targets):
         r, mask = res[t]
         if t == "energy":
-            r = r / batch["n_atoms"].to(r.dtype)
+            r = r / batch.mol_sizes.to(r.dtype)
         sq = torch.where(mask, r, torch.zeros((), dtype=r.dtype, device=r.device)).to(torch.float64) ** 2
         per_pass = sq.sum(dim=1)                       # (T,)
         term = per_pass.mean()                         # w_t = 1/T
@@ -126,18 +126,18 @@ class Metrics:
         self.sums = torch.zeros(size, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def update(self, out: dict, batch: dict, forces: Optional[torch.Tensor] = None) -> None:
+    def update(self, out: dict, batch: Batch, forces: Optional[torch.Tensor] = None) -> None:
         res = residuals(out, batch, self.targets, forces)
         pos = 0
         for t in self.targets:
             T = self.passes[t]
             r, mask = res[t]
             r = torch.where(mask, r, torch.zeros((), dtype=r.dtype, device=r.device)).to(torch.float64)
-            u = r * USER_UNITS[t][1]
+            u = r * REPORT_UNITS[t][1]
             self.sums[pos:pos + T] += u.abs().sum(dim=1)
             self.sums[pos + T:pos + 2 * T] += (u ** 2).sum(dim=1)
             self.sums[pos + 2 * T] += mask.sum()
-            rl = r / batch["n_atoms"].to(r.dtype) if t == "energy" else r
+            rl = r / batch.mol_sizes.to(r.dtype) if t == "energy" else r
             self.sums[pos + 2 * T + 1] += (rl ** 2).sum(dim=1).mean()
             pos += 2 * T + 2
 

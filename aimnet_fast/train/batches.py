@@ -1,0 +1,81 @@
+"""The training data: the packed data set and its train/validation split, this rank's share of
+the validation set, and batches on the device (assembled ahead by a thread where that helps)."""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from .. import data as D
+from ..batch import Batch
+from . import config as C
+from .dist import Dist
+
+
+def load_data(cfg: C.TrainConfig, dist: Dist, log: Callable[[str], None]):
+    """The packed data set and the train/validation conformer indices (same on every rank)."""
+    sources = C.source_dicts(cfg.data)
+    # Rank 0 builds any cache first so ranks never write the same file at once.
+    if not dist.is_main:
+        dist.barrier()
+    ds = D.load_dataset(sources, cache_dir=cfg.data.cache_dir)
+    if dist.is_main:
+        dist.barrier()
+    if cfg.data.split == "group":
+        train_idx, val_idx = D.split(ds, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    else:
+        rng = np.random.default_rng(cfg.data.split_seed)
+        perm = rng.permutation(int(ds.n_conf))
+        n_val = max(1, int(round(cfg.data.val_fraction * len(perm))))
+        train_idx, val_idx = np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    train_idx, val_idx = np.asarray(train_idx, np.int64), np.asarray(val_idx, np.int64)
+    if cfg.data.max_conformers is not None and len(train_idx) + len(val_idx) > cfg.data.max_conformers:
+        rng = np.random.default_rng(cfg.data.split_seed + 1)
+        frac = cfg.data.max_conformers / (len(train_idx) + len(val_idx))
+        n_tr = max(1, int(round(frac * len(train_idx))))
+        n_va = max(1, int(round(frac * len(val_idx))))
+        train_idx = np.sort(rng.choice(train_idx, n_tr, replace=False))
+        val_idx = np.sort(rng.choice(val_idx, n_va, replace=False))
+    return ds, train_idx, val_idx
+
+
+def split_digest(train_idx: np.ndarray, val_idx: np.ndarray) -> str:
+    """A fingerprint of the split, kept in checkpoints (the indices follow from data and config)."""
+    h = hashlib.sha256(np.ascontiguousarray(train_idx, np.int64).tobytes())
+    h.update(b"|" + np.ascontiguousarray(val_idx, np.int64).tobytes())
+    return h.hexdigest()
+
+
+def val_batches(val_idx: np.ndarray, dist: Dist, mols: int):
+    """This rank's share of the validation set, in batches of ``mols`` conformers (no padding,
+    so every conformer is counted once over all ranks)."""
+    mine = val_idx[dist.rank::dist.world_size]
+    return [mine[i:i + mols] for i in range(0, len(mine), mols)]
+
+
+def device_batches(ds, index_batches: Iterator[np.ndarray], n: int, device: torch.device,
+                   dtype: torch.dtype, prefetch: Optional[bool] = None) -> Iterator[Batch]:
+    """The batches of the next ``n`` index arrays of ``index_batches``, on ``device`` with
+    coordinates in ``dtype``. With ``prefetch`` (default: on CUDA) a background thread assembles the
+    next batch (in pinned memory on CUDA) while the current step runs; it then reads one index
+    array ahead of the batches yielded."""
+    cuda = device.type == "cuda"
+    if not (cuda if prefetch is None else prefetch):
+        for _ in range(n):
+            yield D.collate(ds, next(index_batches)).to(device, dtype, non_blocking=True)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load(idx) -> Batch:
+        b = D.collate(ds, idx)
+        return b.pin_memory() if cuda else b
+
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(load, next(index_batches)) if n else None
+        for k in range(n):
+            batch = pending.result()
+            if k + 1 < n:
+                pending = pool.submit(load, next(index_batches))
+            yield batch.to(device, dtype, non_blocking=True)

@@ -21,12 +21,12 @@ from torch import nn
 from . import ops
 from .constants import (ELEMENTS, ELMOMENTS_SCALE, ENERGY_SCALE_HA, N_ANGULAR, N_FEATURE, N_PASS,
                         N_RADIAL, SAE_HA, VOLUME_SCALE_BOHR3)
-from .neighbors import Neighbors, build_neighbors
+from .neighbors import Neighbors
 
 HEAD_SIZES = {"energy": 1, "elmoments": 4, "volume": 1}
 
 
-def elu_mlp(sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
+def build_elu_mlp(sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
     """Linear–ELU–…–Linear[–ELU]; linear layers sit at even indices, as in the released files."""
     layers: list[nn.Module] = []
     for n, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
@@ -44,24 +44,47 @@ class AIMNet(nn.Module):
         super().__init__()
         self.elements = tuple(int(z) for z in elements)
         self.n_pass = n_pass
-        self.backend = backend
+        self.backend = backend  # validated by the property's setter
         #: matrix-unit precision of the Triton MLP kernels: "ieee" (float32), "tf32" or "bf16"
         self.precision = precision
         n_el = len(self.elements)
         self.afv_table = nn.Parameter(torch.empty(n_el, N_FEATURE))
         nn.init.orthogonal_(self.afv_table)
-        self.combine_mlp = elu_mlp([2 * N_FEATURE, 256, 128, N_FEATURE], last_activation=True)
+        self.combine_mlp = build_elu_mlp([2 * N_FEATURE, 256, 128, N_FEATURE], last_activation=True)
         aev_size = (N_RADIAL + N_ANGULAR) * N_FEATURE
-        self.embedding_mlp = elu_mlp([aev_size, 512, 256, 256], last_activation=True)
-        self.update_mlp = elu_mlp([256 + N_FEATURE, 256, 256, N_FEATURE], last_activation=False)
-        self.interact_mlp = elu_mlp([256 + N_FEATURE, 256, 256, 128], last_activation=True)
-        self.heads = nn.ModuleDict({h: elu_mlp([128, 128, 128, HEAD_SIZES[h]], last_activation=False)
-                                    for h in heads})
+        self.embedding_mlp = build_elu_mlp([aev_size, 512, 256, 256], last_activation=True)
+        self.update_mlp = build_elu_mlp([256 + N_FEATURE, 256, 256, N_FEATURE], last_activation=False)
+        self.interact_mlp = build_elu_mlp([256 + N_FEATURE, 256, 256, 128], last_activation=True)
+        self.heads = nn.ModuleDict({h: build_elu_mlp([128, 128, 128, HEAD_SIZES[h]],
+                                                     last_activation=False) for h in heads})
         self.register_buffer("sae_Ha", torch.tensor(list(sae_Ha), dtype=torch.float64))
         species = torch.full((max(self.elements) + 1,), -1, dtype=torch.long)
         species[list(self.elements)] = torch.arange(n_el)
         self.register_buffer("species_table", species, persistent=False)
         self.register_buffer("elmoments_scale", torch.tensor(ELMOMENTS_SCALE), persistent=False)
+
+    # -- backend and dtype -----------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The backend of the operations (``aimnet_fast.ops.BACKENDS``). Checked when set, in the
+        constructor or later (``m.backend = ...``), so that the operations need not check it on
+        every call."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = ops.resolve_backend(name)
+
+    def _apply(self, fn, recurse=True):
+        # .float(), .half() and .to(dtype) all come through here. The SAE (up to ~460 Ha per atom)
+        # must stay float64: rounded to float32 it would be off by up to 1.5e-5 Ha per atom, more
+        # than the network's own float32 error. Device moves still apply to it.
+        sae = self.sae_Ha
+        out = super()._apply(fn, recurse)
+        moved = self.sae_Ha
+        if moved.dtype != torch.float64:
+            self._buffers["sae_Ha"] = sae.to(device=moved.device, dtype=torch.float64)
+        return out
 
     # -- pieces ----------------------------------------------------------------------------------
     def mlp(self, layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +114,7 @@ class AIMNet(nn.Module):
         n_pass = self.n_pass if n_pass is None else n_pass
         if n_mol is None:
             n_mol = int(mol_idx[-1]) + 1 if mol_idx.numel() else 0
-        nb = build_neighbors(coord, mol_idx) if neighbors is None else neighbors
+        nb = ops.build_neighbors(coord, mol_idx, self.backend) if neighbors is None else neighbors
         species = self.species(numbers)
         afv = self.afv_table[species]
 

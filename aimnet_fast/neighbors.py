@@ -64,6 +64,16 @@ def neighbor_pairs(coord: torch.Tensor, mol_idx: torch.Tensor, cutoff_A: float) 
     return torch.stack([i[srt], j[srt]])
 
 
+def angular_subset(coord: torch.Tensor, radial: torch.Tensor, angular_cutoff_A: float) -> torch.Tensor:
+    """The pairs of ``radial`` (2, P) closer than ``angular_cutoff_A``, in order, (2, P_a).
+
+    Decided in the coordinates' dtype (not float64 as the radial search): every backend's
+    ``build_neighbors`` takes its subset from here so that they all agree at the cutoff."""
+    x = coord.detach()
+    d2 = (x[radial[1]] - x[radial[0]]).square().sum(1)
+    return radial[:, d2 < angular_cutoff_A * angular_cutoff_A]
+
+
 def triplets_from_pairs(pairs: torch.Tensor, n_atoms: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Angular triplets (i; j<k) from ordered pairs sorted by i (as neighbor_pairs returns).
 
@@ -116,9 +126,7 @@ def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor,
                     angular_cutoff_A: float = ANGULAR_CUTOFF_A) -> Neighbors:
     n = coord.shape[0]
     radial = neighbor_pairs(coord, mol_idx, radial_cutoff_A)
-    x = coord.detach()
-    d2 = (x[radial[1]] - x[radial[0]]).square().sum(1)
-    angular = radial[:, d2 < angular_cutoff_A * angular_cutoff_A]
+    angular = angular_subset(coord, radial, angular_cutoff_A)
     triplets, _ = triplets_from_pairs(angular, n)
     pairs, triplet_pair = unique_pairs(triplets, n)
     return Neighbors(radial, angular, triplets, pairs, triplet_pair)

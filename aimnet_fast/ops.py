@@ -1,66 +1,120 @@
-"""The seam between the model and its backends: each operation here has a reference (PyTorch)
-implementation and, where written, a Triton one in ``aimnet_fast.kernels``.
+"""The seam between the model and its backends: every operation with more than one implementation
+is called through here, and this is the one module that imports the Triton kernels
+(``aimnet_fast.kernels``). It holds no math.
 
-``backend``: ``"torch"`` forces the reference path, ``"triton"`` forces the kernels, ``"auto"``
-uses Triton on CUDA tensors and the reference path elsewhere. This module holds no math.
+Backends (``BACKENDS``):
+
+- ``"torch"``  the reference: ``aimnet_fast.aev``, ``aimnet_fast.neighbors``, ``torch.nn``
+- ``"triton"`` the kernels (CUDA tensors, or any tensors under TRITON_INTERPRET=1)
+- ``"auto"``   Triton for CUDA tensors where it is installed, the reference elsewhere; decided per
+  call from the tensors' device, because a model is often built on the CPU and moved after
+
+A name is checked once, by ``resolve_backend`` (``AIMNet`` calls it when built and whenever its
+``backend`` is set); the operations themselves only look it up. Another backend is one more entry
+of ``IMPLEMENTATIONS``: a ``Backend`` tuple, e.g. ``TORCH._replace(build_neighbors=...)`` for one
+that replaces a single operation.
 """
 from __future__ import annotations
+
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
 from . import aev
+from . import neighbors as reference_neighbors
+from .errors import ConfigError
 
-BACKENDS = ("auto", "torch", "triton")
-
-
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    return x.is_cuda and _triton_available()
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+try:
+    from .kernels import angular, mlp, radial
+    from .kernels import neighbors as kernel_neighbors
+except ModuleNotFoundError as err:
+    # Only Triton itself may be missing (e.g. on macOS, where it has no wheel); a kernel module
+    # that fails to import for any other reason is a bug and must fail loudly.
+    if err.name != "triton" and not (err.name or "").startswith("triton."):
+        raise
+    _TRITON_MISSING: str | None = str(err)
+else:
+    _TRITON_MISSING = None
 
 
-def _kernels():
-    from . import kernels
-    return kernels
+class Backend(NamedTuple):
+    """One implementation of every operation of the seam, with the signatures of the reference."""
+    radial_contract: Callable      # (coord, pairs, afv) -> (N, 16, F)
+    angular_contract: Callable     # (coord, triplets, pair_feat, triplet_pair) -> (N, 32, F)
+    elu_mlp: Callable              # (x, layers, precision) -> (M, out)
+    elu_mlp_cat: Callable          # (x1, x2, layers, precision) -> (M, out)
+    build_neighbors: Callable      # (coord, mol_idx) -> Neighbors
+
+
+def _sequential(x: torch.Tensor, layers: nn.Sequential, precision: str) -> torch.Tensor:
+    return layers(x)
+
+
+def _sequential_cat(x1: torch.Tensor, x2: torch.Tensor, layers: nn.Sequential,
+                    precision: str) -> torch.Tensor:
+    return layers(torch.cat([x1, x2], dim=1))
+
+
+TORCH = Backend(aev.radial_contract, aev.angular_contract, _sequential, _sequential_cat,
+                reference_neighbors.build_neighbors)
+
+#: name → implementation; None where the backend's package is not installed (the reason is in
+#: ``_UNAVAILABLE``), so that asking for it says so instead of "unknown backend".
+IMPLEMENTATIONS: dict[str, Backend | None] = {
+    "torch": TORCH,
+    "triton": None if _TRITON_MISSING else Backend(
+        radial.radial_contract, angular.angular_contract, mlp.elu_mlp, mlp.elu_mlp_cat,
+        kernel_neighbors.build_neighbors),
+}
+_UNAVAILABLE = {"triton": f"Triton is not installed ({_TRITON_MISSING})"}
+BACKENDS = ("auto", *IMPLEMENTATIONS)
+
+
+def resolve_backend(name: str) -> str:
+    """``name`` if it is a backend that can run here; ConfigError (a ValueError) otherwise."""
+    if name == "auto":
+        return name
+    if name not in IMPLEMENTATIONS:
+        raise ConfigError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    if IMPLEMENTATIONS[name] is None:
+        raise ConfigError(f"backend {name!r} cannot run here: {_UNAVAILABLE[name]}; use 'torch' "
+                          f"or 'auto'")
+    return name
+
+
+def _impl(backend: str, x: torch.Tensor) -> Backend:
+    if backend == "auto":
+        backend = "triton" if x.is_cuda and _TRITON_MISSING is None else "torch"
+    impl = IMPLEMENTATIONS.get(backend)
+    if impl is None:  # a name that bypassed resolve_backend: raise its explanation
+        resolve_backend(backend)
+    return impl
 
 
 def radial_contract(coord, pairs, afv, backend: str = "auto"):
-    if _use_triton(backend, coord):
-        return _kernels().radial_contract(coord, pairs, afv)
-    return aev.radial_contract(coord, pairs, afv)
+    return _impl(backend, coord).radial_contract(coord, pairs, afv)
 
 
 def angular_contract(coord, triplets, pair_feat, triplet_pair, backend: str = "auto"):
-    if _use_triton(backend, coord):
-        return _kernels().angular_contract(coord, triplets, pair_feat, triplet_pair)
-    return aev.angular_contract(coord, triplets, pair_feat, triplet_pair)
+    return _impl(backend, coord).angular_contract(coord, triplets, pair_feat, triplet_pair)
 
 
 def elu_mlp(x: torch.Tensor, layers: nn.Sequential, backend: str = "auto",
             precision: str = "ieee") -> torch.Tensor:
-    """``precision`` ("ieee", "tf32", "bf16") applies to the Triton kernels; the reference path
-    always computes in the tensors' own dtype."""
-    if _use_triton(backend, x):
-        return _kernels().elu_mlp(x, layers, precision)
-    return layers(x)
+    """Run the Linear–ELU stack ``layers`` on x. ``precision`` ("ieee", "tf32", "bf16") applies
+    to the Triton kernels; the reference computes in the tensors' own dtype."""
+    return _impl(backend, x).elu_mlp(x, layers, precision)
 
 
 def elu_mlp_cat(x1: torch.Tensor, x2: torch.Tensor, layers: nn.Sequential, backend: str = "auto",
                 precision: str = "ieee") -> torch.Tensor:
     """``elu_mlp`` of [x1 ‖ x2]; the kernels read both parts in place instead of concatenating."""
-    if _use_triton(backend, x1):
-        return _kernels().elu_mlp_cat(x1, x2, layers, precision)
-    return layers(torch.cat([x1, x2], dim=1))
+    return _impl(backend, x1).elu_mlp_cat(x1, x2, layers, precision)
+
+
+def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor,
+                    backend: str = "auto") -> reference_neighbors.Neighbors:
+    """Pairs, angular subset and triplets at the model's cutoffs; every backend returns the
+    reference's ``Neighbors``, field for field."""
+    return _impl(backend, coord).build_neighbors(coord, mol_idx)

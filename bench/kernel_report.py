@@ -1,9 +1,13 @@
 """Ahead-of-time compile every Triton kernel configuration for sm_90 and sm_80, without a GPU, and
 write registers, spills and shared memory per kernel to bench/KERNELS.md.
 
-Every module under kernels/ that defines ``AOT_SPECS`` is picked up: a list of dicts
-``{"name", "fn", "signature", "constexprs"[, "num_warps", "num_stages"]}``. Each one is compiled
-with ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))``.
+The configurations live here, one builder per kernel module (``SPEC_BUILDERS``), with the block
+sizes and warps the module's launch functions use; each is a dict ``{"name", "fn", "signature",
+"constexprs"[, "num_warps", "num_stages"]}``. The signature is derived from the kernel's own
+parameter list (``spec``), so a renamed, added or removed parameter is either picked up or refused
+here, and a ``*_kernel`` of a module without any configuration is reported as an error. Each one is
+compiled with ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc,
+32))``.
 The tools bundled in triton's wheel then read the result:
 - ``cuobjdump --dump-resource-usage`` on the cubin: registers, stack, local and static shared memory;
 - the ptxas Triton itself runs for the arch, with Triton's flags, ``-v`` on the PTX: spill stores
@@ -39,18 +43,147 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def kernel_modules():
-    """(module name, AOT_SPECS) of every module of aimnet_fast.kernels that defines them."""
+def spec(name: str, fn, ptr: str, constexprs: dict, types: dict | None = None,
+         num_warps: int = 4) -> dict:
+    """A configuration of ``fn`` whose signature follows fn's parameters in order: constexpr
+    parameters as such (``constexprs`` must give exactly those), the others from ``types``, else
+    ``ptr`` (e.g. "*fp32") for names ending in ``_ptr`` and "i32" for scalars."""
+    types = dict(types or {})
+    params = fn.params
+    wanted = {p.name for p in params if p.is_constexpr}
+    if set(constexprs) != wanted:
+        raise ValueError(f"{name}: constexprs {sorted(constexprs)} but {fn.__name__} has {sorted(wanted)}")
+    unknown = set(types) - {p.name for p in params}
+    if unknown:
+        raise ValueError(f"{name}: {fn.__name__} has no parameter {sorted(unknown)}")
+    sig = {}
+    for p in params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        else:
+            sig[p.name] = types.get(p.name, ptr if p.name.endswith("_ptr") else "i32")
+    return {"name": name, "fn": fn, "signature": sig, "constexprs": dict(constexprs),
+            "num_warps": num_warps}
+
+
+def radial_specs(radial) -> list[dict]:
+    idx = {"nbr_ptr": "*i64", "start_ptr": "*i64"}
+    out = []
+    for fp, fwd, bwd, bwd2 in (("fp32", radial.BLOCK_P, radial.BLOCK_P_BWD, radial.BLOCK_P_BWD2),
+                               ("fp64", radial.BLOCK_P_FP64, radial.BLOCK_P_BWD_FP64,
+                                radial.BLOCK_P_BWD2_FP64)):
+        ptr, f = f"*{fp}", radial.BLOCK_F
+        out.append(spec(f"radial_fwd_{fp}", radial.radial_fwd_kernel, ptr,
+                        {"BLOCK_P": fwd, "BLOCK_F": f}, idx))
+        # with forces (both gradients) and training on energies (no coordinate gradient)
+        for suffix, need_coord in (("", True), ("_energy_only", False)):
+            out.append(spec(f"radial_bwd{suffix}_{fp}", radial.radial_bwd_kernel, ptr,
+                            {"BLOCK_P": bwd, "BLOCK_F": f, "NEED_COORD": need_coord,
+                             "NEED_AFV": True}, idx))
+        out.append(spec(f"radial_bwd2_{fp}", radial.radial_bwd2_kernel, ptr,
+                        {"BLOCK_P": bwd2, "BLOCK_F": f}, idx))
+    return out
+
+
+def angular_specs(angular) -> list[dict]:
+    idx = {"trip_ptr": "*i64", "tp_ptr": "*i64", "start_ptr": "*i64", "order_ptr": "*i64",
+           "order_j_ptr": "*i64", "start_j_ptr": "*i64", "order_k_ptr": "*i64",
+           "start_k_ptr": "*i64"}
+
+    def typed(fn):
+        return {k: v for k, v in idx.items() if k in {p.name for p in fn.params}}
+
+    def tiled(label, fn, block, fp):
+        return spec(f"angular_{label}_{fp}", fn, f"*{fp}",
+                    {"BLOCK_T": block, "BLOCK_F": angular.BLOCK_F}, typed(fn))
+    out = []
+    for fp, fwd, bwd, bwd2 in (("fp32", angular.BLOCK_T, angular.BLOCK_T_BWD, angular.BLOCK_T_BWD2),
+                               ("fp64", angular.BLOCK_T_FP64, angular.BLOCK_T_BWD_FP64,
+                                angular.BLOCK_T_BWD2_FP64)):
+        ptr, f = f"*{fp}", angular.BLOCK_F
+        out += [tiled("fwd", angular.angular_fwd_kernel, fwd, fp),
+                tiled("bwd_centre", angular.angular_bwd_centre_kernel, bwd, fp)]
+        pair = angular.angular_bwd_pair_kernel
+        for suffix, tangent, block in (("", False, bwd), ("_tangent", True, bwd2)):
+            out.append(spec(f"angular_bwd_pair{suffix}_{fp}", pair, ptr,
+                            {"BLOCK_T": block, "BLOCK_F": f, "TANGENT": tangent}, typed(pair)))
+        gather = angular.angular_bwd_gather_kernel
+        # the double backward launches the gather with its own block: a second configuration
+        # where that differs
+        for label, block in (("bwd_gather", bwd), ("bwd2_gather", bwd2))[:1 if bwd2 == bwd else 2]:
+            out.append(spec(f"angular_{label}_{fp}", gather, ptr, {"BLOCK_T": block},
+                            typed(gather)))
+        out += [tiled("bwd2_centre", angular.angular_bwd2_centre_kernel, bwd2, fp),
+                tiled("bwd2_gout", angular.angular_bwd2_gout_kernel, bwd2, fp)]
+    return out
+
+
+def mlp_specs(mlp) -> list[dict]:
+    def one(name, dtype, **flags):
+        constexprs = {"SPLIT_A": False, "HAS_BIAS": False, "EPILOGUE_ELU": False,
+                      "PROLOGUE_ELU_GRAD": False, "BIAS_GRAD": False, "PRECISION": "ieee",
+                      **mlp.BLOCKS, **flags}
+        return spec(name, mlp._matmul_kernel, dtype, constexprs, num_warps=mlp.NUM_WARPS)
+    return [
+        one("mlp_fwd_bias_elu_ieee", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True),
+        one("mlp_fwd_bias_elu_tf32", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True, PRECISION="tf32"),
+        one("mlp_fwd_bias_elu_bf16", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True, PRECISION="bf16"),
+        one("mlp_fwd_cat_bias_elu_tf32", "*fp32", SPLIT_A=True, HAS_BIAS=True, EPILOGUE_ELU=True,
+            PRECISION="tf32"),
+        one("mlp_fwd_bias_fp64", "*fp64", HAS_BIAS=True),
+        one("mlp_bwd_input_elu_ieee", "*fp32", PROLOGUE_ELU_GRAD=True),
+        one("mlp_bwd_input_elu_tf32", "*fp32", PROLOGUE_ELU_GRAD=True, PRECISION="tf32"),
+        one("mlp_bwd_input_elu_bf16", "*fp32", PROLOGUE_ELU_GRAD=True, PRECISION="bf16"),
+        one("mlp_bwd_weight_bias_elu_tf32", "*fp32", PROLOGUE_ELU_GRAD=True, BIAS_GRAD=True,
+            PRECISION="tf32"),
+        one("mlp_bwd_weight_bias_elu_ieee", "*fp32", PROLOGUE_ELU_GRAD=True, BIAS_GRAD=True),
+        one("mlp_bwd_weight_bias_elu_bf16", "*fp32", PROLOGUE_ELU_GRAD=True, BIAS_GRAD=True,
+            PRECISION="bf16"),
+    ]
+
+
+def neighbors_specs(nb) -> list[dict]:
+    blocks, warps = dict(nb.BLOCKS), nb.NUM_WARPS
+    return [
+        spec("neighbors_count_fp32", nb._count_kernel, "*fp32", blocks,
+             {"offsets_ptr": "*i32", "cut2_bits": "i64", "counts_ptr": "*i32"}, warps),
+        spec("neighbors_write_fp32", nb._write_kernel, "*fp32", blocks,
+             {"offsets_ptr": "*i32", "cut2_bits": "i64", "first_ptr": "*i64", "pairs_ptr": "*i64",
+              "capacity": "i64"}, warps),
+        spec("neighbors_triplets", nb._triplet_kernel, "*i64", {"BLOCK": nb.TRIPLET_BLOCK},
+             {"n_pairs_cap": "i64", "n_trip_cap": "i64"}, num_warps=1),
+    ]
+
+
+#: kernel module (under aimnet_fast.kernels) → its configurations
+SPEC_BUILDERS = {"angular": angular_specs, "mlp": mlp_specs, "neighbors": neighbors_specs,
+                 "radial": radial_specs}
+
+
+def kernel_specs():
+    """(module name, specs or the exception that stopped them) per kernel module. Each module is
+    imported on its own, so that one that does not import does not hide the others."""
     import aimnet_fast.kernels as pkg
     found = []
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+    for name in sorted(SPEC_BUILDERS):
         try:
-            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        except Exception as err:  # a half-written module must not hide the others
-            found.append((info.name, err))
+            mod = importlib.import_module(f"{pkg.__name__}.{name}")
+            specs = SPEC_BUILDERS[name](mod)
+        except Exception as err:
+            found.append((name, err))
             continue
-        if hasattr(mod, "AOT_SPECS"):
-            found.append((info.name, mod.AOT_SPECS))
+        covered = {id(s["fn"]) for s in specs}
+        missing = sorted(k for k, v in vars(mod).items()
+                         if k.endswith("_kernel") and isinstance(v, triton.runtime.jit.JITFunction)
+                         and id(v) not in covered)
+        if missing:
+            found.append((name, LookupError(f"no configuration for {', '.join(missing)}")))
+        found.append((name, specs))
+    unlisted = sorted({m.name for m in pkgutil.iter_modules(pkg.__path__)
+                       if not m.name.startswith("_")} - set(SPEC_BUILDERS))
+    for name in unlisted:
+        found.append((name, LookupError("a kernel module without a spec builder in "
+                                        "bench/kernel_report.py")))
     return found
 
 
@@ -129,9 +262,9 @@ def main(argv=None) -> int:
     rows, errors = [], []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for mod_name, specs in kernel_modules():
+        for mod_name, specs in kernel_specs():
             if isinstance(specs, Exception):
-                errors.append(f"`kernels/{mod_name}.py` did not import: {specs!r}")
+                errors.append(f"`kernels/{mod_name}.py`: {specs!r}")
                 continue
             for spec in specs:
                 if args.only and args.only not in spec["name"]:
@@ -157,7 +290,8 @@ def main(argv=None) -> int:
         "",
         f"Written by `python bench/kernel_report.py` on "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC with triton "
-        f"{triton.__version__}: every `AOT_SPECS` entry of every module under `kernels/`, compiled "
+        f"{triton.__version__}: every configuration of `bench/kernel_report.py` (one builder per "
+        f"module under `kernels/`), compiled "
         f"for {', '.join(f'sm_{a}' for a in args.arch)} (sm_90 as Triton targets it, sm_90a).",
         "",
         "- regs, stack, local, static shared: `cuobjdump --dump-resource-usage` on Triton's cubin",

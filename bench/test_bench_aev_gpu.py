@@ -37,11 +37,11 @@ def _op(name, impl, coord, nb, afv, pair_feat):
     if name == "radial":
         f = aev.radial_contract
         if impl == "triton":
-            from aimnet_fast.kernels import radial_contract as f
+            from aimnet_fast.kernels.radial import radial_contract as f
         return lambda c, x: f(c, nb.radial, x), afv
     f = aev.angular_contract
     if impl == "triton":
-        from aimnet_fast.kernels import angular_contract as f
+        from aimnet_fast.kernels.angular import angular_contract as f
     return lambda c, x: f(c, nb.triplets, x, nb.triplet_pair), pair_feat
 
 
@@ -98,7 +98,8 @@ def test_aev_accuracy_on_gpu(aev_batch, name):
 
 def test_aev_backward_is_deterministic(aev_batch):
     """No atomics in the backward or the double backward: two runs give bitwise equal results."""
-    from aimnet_fast.kernels import angular_contract, radial_contract
+    from aimnet_fast.kernels.angular import angular_contract
+    from aimnet_fast.kernels.radial import radial_contract
     _, coord, nb, afv, pair_feat = aev_batch
     runs = []
     for _ in range(2):

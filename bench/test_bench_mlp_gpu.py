@@ -8,7 +8,7 @@ at the end. No figure here has been measured yet: this session had no GPU.
 import pytest
 import torch
 
-from aimnet_fast.model import elu_mlp as make_mlp
+from aimnet_fast.model import build_elu_mlp as make_mlp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,7 +35,7 @@ def embedding():
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("impl", ["torch", "ieee", "tf32", "bf16"])
 def test_embedding_mlp(benchmark, guard, embedding, impl, backward):
-    from aimnet_fast.kernels import elu_mlp
+    from aimnet_fast.kernels.mlp import elu_mlp
     net, x = embedding
     x = x.detach().requires_grad_(backward)
 
@@ -57,7 +57,7 @@ def test_embedding_mlp(benchmark, guard, embedding, impl, backward):
 def test_embedding_mlp_accuracy_on_gpu(precision, embedding):
     """Not a timing: the error of each precision against float64 on this GPU (the interpreter
     cannot show tf32). Recorded, and bounded loosely."""
-    from aimnet_fast.kernels import elu_mlp
+    from aimnet_fast.kernels.mlp import elu_mlp
     net, x = embedding
     x = x[:512].detach()
     ref = net.double()(x.double())

@@ -35,12 +35,6 @@ def cosine_cutoff_grad2(d, RC: tl.constexpr):
     return tl.where(d / RC <= 1.0, tl.cos((d / RC) * PI) * (-0.5 * (PI / RC) * (PI / RC)), 0.0)
 
 
-def empty(shape, like: torch.Tensor) -> torch.Tensor:
-    """Every output and scratch buffer of the launch functions comes from here, uninitialised, so
-    that tests can swap in a poisoned allocator and catch any element a kernel fails to write."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
 def csr_starts(sorted_index: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Row starts (n_rows + 1,) int64 of a non-decreasing index vector (e.g. pairs[0]).
 

@@ -34,9 +34,10 @@ import triton.language as tl
 from aimnet_fast.constants import (ANGULAR_CUTOFF_A, ANGULAR_ETA_PER_A2, ANGULAR_SECTORS_RAD,
                                    ANGULAR_SHIFTS_A, ANGULAR_ZETA, COS_CLAMP, N_ANGULAR)
 
-from . import _aev_common as common
+from . import _alloc
 from ._aev_common import (check_inputs, cosine_cutoff, cosine_cutoff_grad, cosine_cutoff_grad2,
                           csr_starts, group_by)
+from ._op_chain import contraction_ops
 
 # The kernels rebuild the tables as θ_z = z·π/4 and R_a = 0.5 + 0.65·a, and raise to the power ζ = 8
 # by three squarings; make sure those are the model's constants.
@@ -512,7 +513,7 @@ def angular_forward(coord, triplets, triplet_pair, starts, pair_feat, block_t: i
     → (N, 32, F). block_t None: the default of the dtype."""
     n, f, t = coord.shape[0], pair_feat.shape[1], triplets.shape[1]
     block_t = block_t or (BLOCK_T_FP64 if pair_feat.dtype == torch.float64 else BLOCK_T)
-    out = common.empty((n, N_ANGULAR, f), pair_feat)
+    out = _alloc.empty((n, N_ANGULAR, f), pair_feat)
     if n and f:
         angular_fwd_kernel[(n, triton.cdiv(f, block_f))](coord, triplets, triplet_pair, starts,
                                                          pair_feat, out, t, f,
@@ -533,16 +534,16 @@ def angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat,
     """
     n, (nq, f), t = coord.shape[0], pair_feat.shape, triplets.shape[1]
     block_t = block_t or (BLOCK_T_BWD_FP64 if pair_feat.dtype == torch.float64 else BLOCK_T_BWD)
-    gcoord = common.empty(coord.shape if need_coord else (0,), coord)
-    gpf = common.empty(pair_feat.shape if need_pair_feat else (0,), pair_feat)
+    gcoord = _alloc.empty(coord.shape if need_coord else (0,), coord)
+    gpf = _alloc.empty(pair_feat.shape if need_pair_feat else (0,), pair_feat)
     if n == 0:
         return gcoord, gpf
     if need_coord:
         starts_i = csr_starts(triplets[0], n)
         order_j, starts_j = group_by(triplets[1], n)
         order_k, starts_k = group_by(triplets[2], n)
-        dv = common.empty((t, 6), coord)
-        gcentre = common.empty(coord.shape, coord)
+        dv = _alloc.empty((t, 6), coord)
+        gcentre = _alloc.empty(coord.shape, coord)
         angular_bwd_centre_kernel[(n,)](coord, triplets, triplet_pair, starts_i, pair_feat,
                                         grad_out, dv, gcentre, t, f,
                                         BLOCK_T=block_t, BLOCK_F=block_f)
@@ -564,16 +565,16 @@ def angular_double_backward(grad_out, coord, triplets, triplet_pair, pair_feat, 
     pair_feat (Q, F)). Deterministic, no atomics (same orderings as the backward)."""
     n, (nq, f), t = coord.shape[0], pair_feat.shape, triplets.shape[1]
     block_t = block_t or (BLOCK_T_BWD2_FP64 if pair_feat.dtype == torch.float64 else BLOCK_T_BWD2)
-    ggout = common.empty(grad_out.shape, grad_out)
-    gcoord = common.empty(coord.shape, coord)
-    gpf = common.empty(pair_feat.shape, pair_feat)
+    ggout = _alloc.empty(grad_out.shape, grad_out)
+    gcoord = _alloc.empty(coord.shape, coord)
+    gpf = _alloc.empty(pair_feat.shape, pair_feat)
     if n == 0:
         return ggout, gcoord, gpf
     starts_i = csr_starts(triplets[0], n)
     order_j, starts_j = group_by(triplets[1], n)
     order_k, starts_k = group_by(triplets[2], n)
-    dv = common.empty((t, 6), coord)
-    gcentre = common.empty(coord.shape, coord)
+    dv = _alloc.empty((t, 6), coord)
+    gcentre = _alloc.empty(coord.shape, coord)
     angular_bwd2_centre_kernel[(n,)](coord, triplets, triplet_pair, starts_i, pair_feat, u, v,
                                      grad_out, dv, gcentre, t, f,
                                      BLOCK_T=block_t, BLOCK_F=block_f)
@@ -593,84 +594,29 @@ def angular_double_backward(grad_out, coord, triplets, triplet_pair, pair_feat, 
     return ggout, gcoord, gpf
 
 
-# ---------------------------------------------------------------- torch op and autograd
+# ---------------------------------------------------------------- torch ops and autograd
 
-@torch.library.custom_op("aimnet_fast::angular_contract", mutates_args=())
-def _angular_op(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: torch.Tensor,
-                triplet_pair: torch.Tensor) -> torch.Tensor:
+def _forward_from_triplets(coord, triplets, pair_feat, triplet_pair):
     starts = csr_starts(triplets[0], coord.shape[0])
     return angular_forward(coord, triplets, triplet_pair, starts, pair_feat)
 
 
-@_angular_op.register_fake
-def _(coord, triplets, pair_feat, triplet_pair):
-    return pair_feat.new_empty(coord.shape[0], N_ANGULAR, pair_feat.shape[1])
-
-
-@torch.library.custom_op("aimnet_fast::angular_contract_backward", mutates_args=())
-def _angular_bwd_op(grad_out: torch.Tensor, coord: torch.Tensor, triplets: torch.Tensor,
-                    pair_feat: torch.Tensor, triplet_pair: torch.Tensor, need_coord: bool,
-                    need_pair_feat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _backward_from_triplets(grad_out, coord, triplets, pair_feat, triplet_pair, need_coord,
+                            need_pair_feat):
     return angular_backward(grad_out, coord, triplets, triplet_pair, pair_feat,
                             need_coord=need_coord, need_pair_feat=need_pair_feat)
 
 
-@_angular_bwd_op.register_fake
-def _(grad_out, coord, triplets, pair_feat, triplet_pair, need_coord, need_pair_feat):
-    return (coord.new_empty(coord.shape if need_coord else (0,)),
-            pair_feat.new_empty(pair_feat.shape if need_pair_feat else (0,)))
-
-
-def _setup_context(ctx, inputs, output):
-    coord, triplets, pair_feat, triplet_pair = inputs
-    ctx.save_for_backward(coord, triplets, pair_feat, triplet_pair)
-
-
-def _backward(ctx, grad_out):
-    coord, triplets, pair_feat, triplet_pair = ctx.saved_tensors
-    need_coord, _, need_pf, _ = ctx.needs_input_grad
-    gcoord, gpf = _angular_bwd_op(grad_out.contiguous(), coord, triplets, pair_feat, triplet_pair,
-                                  need_coord, need_pf)
-    return gcoord if need_coord else None, None, gpf if need_pf else None, None
-
-
-def _setup_double(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.need = inputs[5:]
-
-
-def _double_backward(ctx, g_gcoord, g_gpf):
-    grad_out, coord, triplets, pair_feat, triplet_pair = ctx.saved_tensors
-    need_coord, need_pf = ctx.need
-    # a result that was not computed (or gets no gradient) contributes nothing: zeros
-    u = g_gpf if need_pf and g_gpf is not None else torch.zeros_like(pair_feat)
-    v = g_gcoord if need_coord and g_gcoord is not None else torch.zeros_like(coord)
-    g_go, g_coord, g_pf = _angular_bwd2_op(grad_out, coord, triplets, pair_feat, triplet_pair,
-                                           u.contiguous(), v.contiguous())
-    return g_go, g_coord, None, g_pf, None, None, None
-
-
-@torch.library.custom_op("aimnet_fast::angular_contract_double_backward", mutates_args=())
-def _angular_bwd2_op(grad_out: torch.Tensor, coord: torch.Tensor, triplets: torch.Tensor,
-                     pair_feat: torch.Tensor, triplet_pair: torch.Tensor, u: torch.Tensor,
-                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _double_backward_from_triplets(grad_out, coord, triplets, pair_feat, triplet_pair, u, v):
     return angular_double_backward(grad_out, coord, triplets, triplet_pair, pair_feat, u, v)
 
 
-@_angular_bwd2_op.register_fake
-def _(grad_out, coord, triplets, pair_feat, triplet_pair, u, v):
-    return torch.empty_like(grad_out), torch.empty_like(coord), torch.empty_like(pair_feat)
-
-
-def _no_third_derivative(ctx, *grads):
-    raise RuntimeError("angular_contract: the Triton kernels stop at the second derivative (force "
-                       "training); for higher ones use backend='torch'")
-
-
-_angular_op.register_autograd(_backward, setup_context=_setup_context)
-_angular_bwd_op.register_autograd(_double_backward, setup_context=_setup_double)
-_angular_bwd2_op.register_autograd(_no_third_derivative,
-                                   setup_context=lambda ctx, inputs, output: None)
+_OPS = contraction_ops("angular_contract", ("coord", "triplets", "pair_feat", "triplet_pair"),
+                       "pair_feat", _forward_from_triplets, _backward_from_triplets,
+                       _double_backward_from_triplets,
+                       out_shape=lambda coord, triplets, pair_feat, triplet_pair:
+                       (coord.shape[0], N_ANGULAR, pair_feat.shape[1]))
+_angular_op = _OPS.forward
 
 
 def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: torch.Tensor,
@@ -684,49 +630,3 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
     check_inputs("angular_contract", coord, pair_feat)
     return _angular_op(coord.contiguous(), triplets.contiguous(), pair_feat.contiguous(),
                        triplet_pair.contiguous())
-
-
-# ---------------------------------------------------------------- ahead-of-time configurations
-
-def _specs():
-    specs = []
-    for fp, fwd, bwd, bwd2 in (("fp32", BLOCK_T, BLOCK_T_BWD, BLOCK_T_BWD2),
-                               ("fp64", BLOCK_T_FP64, BLOCK_T_BWD_FP64, BLOCK_T_BWD2_FP64)):
-        ptr = f"*{fp}"
-        blocks = {"BLOCK_T": "constexpr", "BLOCK_F": "constexpr"}
-        centre = {"coord_ptr": ptr, "trip_ptr": "*i64", "tp_ptr": "*i64", "start_ptr": "*i64",
-                  "pf_ptr": ptr}
-        specs.append({"name": f"angular_fwd_{fp}", "fn": angular_fwd_kernel,
-                      "signature": {**centre, "out_ptr": ptr, "T": "i32", "F": "i32", **blocks},
-                      "constexprs": {"BLOCK_T": fwd, "BLOCK_F": BLOCK_F}})
-        specs.append({"name": f"angular_bwd_centre_{fp}", "fn": angular_bwd_centre_kernel,
-                      "signature": {**centre, "gout_ptr": ptr, "dv_ptr": ptr, "gcentre_ptr": ptr,
-                                    "T": "i32", "F": "i32", **blocks},
-                      "constexprs": {"BLOCK_T": bwd, "BLOCK_F": BLOCK_F}})
-        for suffix, tangent, block in (("", False, bwd), ("_tangent", True, bwd2)):
-            specs.append({"name": f"angular_bwd_pair{suffix}_{fp}", "fn": angular_bwd_pair_kernel,
-                          "signature": {"coord_ptr": ptr, "trip_ptr": "*i64", "order_ptr": "*i64",
-                                        "start_ptr": "*i64", "gout_ptr": ptr, "v_ptr": ptr,
-                                        "gpf_ptr": ptr, "T": "i32", "F": "i32", **blocks,
-                                        "TANGENT": "constexpr"},
-                          "constexprs": {"BLOCK_T": block, "BLOCK_F": BLOCK_F,
-                                         "TANGENT": tangent}})
-        specs.append({"name": f"angular_bwd_gather_{fp}", "fn": angular_bwd_gather_kernel,
-                      "signature": {"dv_ptr": ptr, "gcentre_ptr": ptr,
-                                    "order_j_ptr": "*i64", "start_j_ptr": "*i64",
-                                    "order_k_ptr": "*i64", "start_k_ptr": "*i64",
-                                    "gcoord_ptr": ptr, "BLOCK_T": "constexpr"},
-                      "constexprs": {"BLOCK_T": bwd}})
-        specs.append({"name": f"angular_bwd2_centre_{fp}", "fn": angular_bwd2_centre_kernel,
-                      "signature": {**centre, "u_ptr": ptr, "v_ptr": ptr, "gout_ptr": ptr,
-                                    "dv_ptr": ptr, "gcentre_ptr": ptr, "T": "i32", "F": "i32",
-                                    **blocks},
-                      "constexprs": {"BLOCK_T": bwd2, "BLOCK_F": BLOCK_F}})
-        specs.append({"name": f"angular_bwd2_gout_{fp}", "fn": angular_bwd2_gout_kernel,
-                      "signature": {**centre, "u_ptr": ptr, "v_ptr": ptr, "ggout_ptr": ptr,
-                                    "T": "i32", "F": "i32", **blocks},
-                      "constexprs": {"BLOCK_T": bwd2, "BLOCK_F": BLOCK_F}})
-    return specs
-
-
-AOT_SPECS = _specs()

@@ -41,6 +41,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from . import _alloc
+
 PRECISIONS = ("ieee", "tf32", "bf16")
 
 # Tile sizes. Tests shrink them (to the tl.dot minimum of 16) so that small inputs straddle every
@@ -50,19 +52,11 @@ PRECISIONS = ("ieee", "tf32", "bf16")
 # bench/KERNELS.md).
 BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}
 NUM_WARPS = 8
-# Allocate outputs filled with NaN so that an element a kernel forgets to write fails every check.
-# On by default under the interpreter (tests); off on the GPU, where the fill would cost a pass.
+# The interpreter's bf16 tl.dot is unusable (see _round_bf16): emulate it there.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-POISON_OUTPUTS = _INTERPRET
 # Slices of the row reduction in the weight-gradient kernel; None: enough programs for two per SM
 # on CUDA, 1 elsewhere. Tests set it to exercise the split.
 WEIGHT_GRAD_SPLIT_K: int | None = None
-
-
-def _alloc(shape, like: torch.Tensor) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 @triton.jit
@@ -190,8 +184,8 @@ def _launch(a, a_strides, b, b_strides, c, M, N, K, *, bias=None, epilogue_elu=F
     split = max(1, triton.cdiv(K, k_split))
     out, out_b = c, dbias
     if split > 1:
-        out = torch.empty((split, M, N), dtype=c.dtype, device=c.device)
-        out_b = torch.empty((split, M), dtype=c.dtype, device=c.device) if dbias is not None else None
+        out = _alloc.empty((split, M, N), c)
+        out_b = _alloc.empty((split, M), c) if dbias is not None else None
     # At least one column of programs even when N = 0, so a bias gradient is still written.
     grid = (triton.cdiv(M, bm), max(triton.cdiv(N, bn), 1), split)
     _matmul_kernel[grid](
@@ -223,7 +217,7 @@ def linear_elu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     weight = weight.contiguous()
     M, K = x.shape
     N = weight.shape[0]
-    out = _alloc((M, N), x)
+    out = _alloc.empty((M, N), x)
     _launch(x, (x.stride(0), x.stride(1)), weight, (weight.stride(1), weight.stride(0)), out,
             M, N, K, bias=bias.contiguous() if bias is not None else None, epilogue_elu=elu,
             precision=precision)
@@ -251,8 +245,8 @@ def linear_elu_backward(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
     y = out if elu else None
     ys = (out.stride(0), out.stride(1))
     ys_t = (out.stride(1), out.stride(0))
-    grad_w = _alloc((N, K), x)
-    grad_b = _alloc((N,), x)
+    grad_w = _alloc.empty((N, K), x)
+    grad_b = _alloc.empty((N,), x)
     # grad_W (N, K) = grad_preᵀ (N, M) · x (M, K); the same launch writes grad_b. An empty
     # reduction (M = 0) runs zero loop iterations and writes zeros. With K = 0, grad_W is empty
     # but grad_b is not: _launch keeps one column of programs so grad_b is still written.
@@ -261,7 +255,7 @@ def linear_elu_backward(grad: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
             split=_split_k(_tiles(N, K), M, x.device))
     if not need_input_grad:
         return x.new_empty(0), grad_w, grad_b
-    grad_x = _alloc((M, K), x)
+    grad_x = _alloc.empty((M, K), x)
     # grad_x (M, K) = grad_pre (M, N) · W (N, K)
     _launch(grad, (grad.stride(0), grad.stride(1)), weight, (weight.stride(0), weight.stride(1)),
             grad_x, M, K, N, y=y, y_strides=ys, precision=precision)
@@ -353,7 +347,7 @@ def linear_elu_cat(x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
         raise ValueError(f"shapes {tuple(x1.shape)} ‖ {tuple(x2.shape)} do not fit weight "
                          f"{tuple(weight.shape)}")
     N = weight.shape[0]
-    out = _alloc((M, N), x1)
+    out = _alloc.empty((M, N), x1)
     _launch(x1, (x1.stride(0), x1.stride(1)), weight, (weight.stride(1), weight.stride(0)), out,
             M, N, K, bias=bias.contiguous() if bias is not None else None, epilogue_elu=elu,
             precision=precision, a2=x2, k1=K1)
@@ -381,8 +375,8 @@ def linear_elu_cat_backward(grad: torch.Tensor, out: torch.Tensor, x1: torch.Ten
     y = out if elu else None
     ys = (out.stride(0), out.stride(1))
     ys_t = (out.stride(1), out.stride(0))
-    grad_w = _alloc((N, K1 + K2), x1)
-    grad_b = _alloc((N,), x1)
+    grad_w = _alloc.empty((N, K1 + K2), x1)
+    grad_b = _alloc.empty((N,), x1)
     gw1, gw2 = grad_w[:, :K1], grad_w[:, K1:]
     _launch(grad, (grad.stride(1), grad.stride(0)), x1, (x1.stride(0), x1.stride(1)), gw1,
             N, K1, M, y=y, y_strides=ys_t, dbias=grad_b, precision=precision,
@@ -394,7 +388,7 @@ def linear_elu_cat_backward(grad: torch.Tensor, out: torch.Tensor, x1: torch.Ten
         return x1.new_empty(0), x1.new_empty(0), grad_w, grad_b
     grads = []
     for xi, wi in ((x1, weight[:, :K1]), (x2, weight[:, K1:])):
-        gx = _alloc(tuple(xi.shape), xi)
+        gx = _alloc.empty(tuple(xi.shape), xi)
         _launch(grad, (grad.stride(0), grad.stride(1)), wi, (wi.stride(0), wi.stride(1)),
                 gx, M, xi.shape[1], N, y=y, y_strides=ys, precision=precision)
         grads.append(gx)
@@ -454,7 +448,7 @@ linear_elu_cat_backward.register_autograd(_backward_cat_bwd, setup_context=_setu
 
 # -- the stack ------------------------------------------------------------------------------------
 def mlp_layers(layers: nn.Sequential) -> list[tuple[nn.Linear, bool]]:
-    """(linear, followed_by_elu) for each linear layer of an ``aimnet_fast.model.elu_mlp`` stack."""
+    """(linear, followed_by_elu) for each linear layer of an ``aimnet_fast.model.build_elu_mlp`` stack."""
     mods = list(layers)
     plan: list[tuple[nn.Linear, bool]] = []
     i = 0
@@ -490,38 +484,3 @@ def elu_mlp_cat(x1: torch.Tensor, x2: torch.Tensor, layers: nn.Sequential,
     for lin, act in plan[1:]:
         h = linear_elu(h, lin.weight, lin.bias, act, precision)
     return h
-
-
-# -- ahead-of-time configurations for bench/kernel_report.py ---------------------------------------
-def _spec(name, dtype, **flags):
-    sig = {"a_ptr": dtype, "b_ptr": dtype, "c_ptr": dtype, "bias_ptr": dtype, "y_ptr": dtype,
-           "dbias_ptr": dtype, "a2_ptr": dtype, "M": "i32", "N": "i32", "K": "i32", "K1": "i32",
-           "K_SPLIT": "i32",
-           "stride_am": "i32", "stride_ak": "i32", "stride_bk": "i32", "stride_bn": "i32",
-           "stride_cm": "i32", "stride_cn": "i32", "stride_ym": "i32", "stride_yk": "i32",
-           "stride_a2m": "i32", "stride_a2k": "i32", "stride_cs": "i32", "stride_dbs": "i32"}
-    constexprs = {"SPLIT_A": False, "HAS_BIAS": False, "EPILOGUE_ELU": False,
-                  "PROLOGUE_ELU_GRAD": False, "BIAS_GRAD": False, "PRECISION": "ieee", **BLOCKS}
-    constexprs.update(flags)
-    for k in constexprs:
-        sig[k] = "constexpr"
-    return {"name": name, "fn": _matmul_kernel, "signature": sig, "constexprs": constexprs,
-            "num_warps": NUM_WARPS}
-
-
-AOT_SPECS = [
-    _spec("mlp_fwd_bias_elu_ieee", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True),
-    _spec("mlp_fwd_bias_elu_tf32", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True, PRECISION="tf32"),
-    _spec("mlp_fwd_bias_elu_bf16", "*fp32", HAS_BIAS=True, EPILOGUE_ELU=True, PRECISION="bf16"),
-    _spec("mlp_fwd_cat_bias_elu_tf32", "*fp32", SPLIT_A=True, HAS_BIAS=True, EPILOGUE_ELU=True,
-          PRECISION="tf32"),
-    _spec("mlp_fwd_bias_fp64", "*fp64", HAS_BIAS=True),
-    _spec("mlp_bwd_input_elu_ieee", "*fp32", PROLOGUE_ELU_GRAD=True),
-    _spec("mlp_bwd_input_elu_tf32", "*fp32", PROLOGUE_ELU_GRAD=True, PRECISION="tf32"),
-    _spec("mlp_bwd_input_elu_bf16", "*fp32", PROLOGUE_ELU_GRAD=True, PRECISION="bf16"),
-    _spec("mlp_bwd_weight_bias_elu_tf32", "*fp32", PROLOGUE_ELU_GRAD=True, BIAS_GRAD=True,
-          PRECISION="tf32"),
-    _spec("mlp_bwd_weight_bias_elu_ieee", "*fp32", PROLOGUE_ELU_GRAD=True, BIAS_GRAD=True),
-    _spec("mlp_bwd_weight_bias_elu_bf16", "*fp32", PROLOGUE_ELU_GRAD=True, BIAS_GRAD=True,
-          PRECISION="bf16"),
-]

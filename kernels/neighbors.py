@@ -28,6 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
+from aimnet_fast.constants import ANGULAR_CUTOFF_A, RADIAL_CUTOFF_A
+from aimnet_fast.neighbors import Neighbors, angular_subset, unique_pairs
+
+from . import _alloc
+
 # Tests shrink these so that small molecules straddle the tile boundaries.
 BLOCKS = {"BLOCK_I": 32, "BLOCK_J": 32}
 NUM_WARPS = 4
@@ -261,9 +266,8 @@ def triplets_from_pairs(pairs: torch.Tensor, counts: torch.Tensor
     per_atom = counts * (counts - 1) // 2
     tlast = torch.cumsum(per_atom, 0)
     n_trip = int(tlast[-1]) if counts.numel() else 0
-    fill = -1
-    triplets = torch.full((3, n_trip), fill, dtype=torch.int64, device=pairs.device)
-    pair_of = torch.full((2, n_trip), fill, dtype=torch.int64, device=pairs.device)
+    triplets = _alloc.empty((3, n_trip), pairs, torch.int64)
+    pair_of = _alloc.empty((2, n_trip), pairs, torch.int64)
     if n_trip:
         pairs = pairs.contiguous()
         first = (torch.cumsum(counts, 0) - counts).contiguous()
@@ -273,46 +277,24 @@ def triplets_from_pairs(pairs: torch.Tensor, counts: torch.Tensor
     return triplets, pair_of
 
 
-def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor, offsets: torch.Tensor | None = None,
-                    radial_cutoff_A: float | None = None, angular_cutoff_A: float | None = None):
-    """``aimnet_fast.neighbors.build_neighbors`` on the kernels: radial pairs, the angular subset
-    (a second search at the angular cutoff), triplets, and the unique (j, k) pairs (torch.unique,
-    as in the reference).
+def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor,
+                    radial_cutoff_A: float = RADIAL_CUTOFF_A,
+                    angular_cutoff_A: float = ANGULAR_CUTOFF_A, *,
+                    offsets: torch.Tensor | None = None) -> Neighbors:
+    """``aimnet_fast.neighbors.build_neighbors`` with the radial search and the triplets on the
+    kernels; same signature and the same ``Neighbors``, field for field.
 
-    Difference from the reference: both cutoffs are decided in float64 here; the reference decides
-    the angular subset in the coordinates' dtype, so float32 coordinates within ~1e-6 Å of 3.1 Å
-    may be classified differently.
+    The angular subset and the unique (j, k) pairs come from the reference's own functions: the
+    subset is decided in the coordinates' dtype there, and a float64 search at 3.1 Å would classify
+    float32 pairs within ~1e-6 Å of the cutoff differently. ``offsets`` (M+1,) saves deriving the
+    molecules' atom ranges from mol_idx.
     """
-    from aimnet_fast.constants import ANGULAR_CUTOFF_A, RADIAL_CUTOFF_A
-    from aimnet_fast.neighbors import Neighbors, unique_pairs
-    radial_cutoff_A = RADIAL_CUTOFF_A if radial_cutoff_A is None else radial_cutoff_A
-    angular_cutoff_A = ANGULAR_CUTOFF_A if angular_cutoff_A is None else angular_cutoff_A
     if offsets is None:
         offsets = offsets_from_mol_idx(mol_idx)
     n = coord.shape[0]
     radial = neighbor_pairs(coord, mol_idx, offsets, radial_cutoff_A)
-    angular = neighbor_pairs(coord, mol_idx, offsets, angular_cutoff_A)
+    angular = angular_subset(coord, radial, angular_cutoff_A)
     counts = torch.bincount(angular[0], minlength=n) if n else angular.new_zeros(0)
     triplets, _ = triplets_from_pairs(angular, counts)
     pairs, triplet_pair = unique_pairs(triplets, n)
     return Neighbors(radial, angular, triplets, pairs, triplet_pair)
-
-
-# -- ahead-of-time configurations for bench/kernel_report.py ---------------------------------------
-def _spec(name, fn, coord_dtype, extra):
-    sig = {"coord_ptr": coord_dtype, "offsets_ptr": "*i32", "cut2_bits": "i64", **extra,
-           "BLOCK_I": "constexpr", "BLOCK_J": "constexpr"}
-    return {"name": name, "fn": fn, "signature": sig, "constexprs": dict(BLOCKS),
-            "num_warps": NUM_WARPS}
-
-
-AOT_SPECS = [
-    _spec("neighbors_count_fp32", _count_kernel, "*fp32", {"counts_ptr": "*i32"}),
-    _spec("neighbors_write_fp32", _write_kernel, "*fp32",
-          {"first_ptr": "*i64", "pairs_ptr": "*i64", "capacity": "i64"}),
-    {"name": "neighbors_triplets", "fn": _triplet_kernel,
-     "signature": {"pairs_ptr": "*i64", "n_pairs_cap": "i64", "first_ptr": "*i64",
-                   "counts_ptr": "*i64", "tfirst_ptr": "*i64", "trip_ptr": "*i64",
-                   "pair_of_ptr": "*i64", "n_trip_cap": "i64", "BLOCK": "constexpr"},
-     "constexprs": {"BLOCK": TRIPLET_BLOCK}, "num_warps": 1},
-]

@@ -23,9 +23,10 @@ import triton.language as tl
 
 from aimnet_fast.constants import N_RADIAL, RADIAL_CUTOFF_A, RADIAL_ETA_PER_A2, RADIAL_SHIFTS_A
 
-from . import _aev_common as common
+from . import _alloc
 from ._aev_common import (check_inputs, cosine_cutoff, cosine_cutoff_grad, cosine_cutoff_grad2,
                           csr_starts)
+from ._op_chain import contraction_ops
 
 # The kernels rebuild the shells as R0 + DR·s; make sure that is the model's table.
 _R0, _DR = 0.5, 0.25625
@@ -264,7 +265,7 @@ def radial_forward(coord, nbr, starts, afv, block_p: int | None = None, block_f:
     block_p None: the default of the dtype."""
     n, f = coord.shape[0], afv.shape[1]
     block_p = block_p or (BLOCK_P_FP64 if afv.dtype == torch.float64 else BLOCK_P)
-    out = common.empty((n, N_RADIAL, f), afv)
+    out = _alloc.empty((n, N_RADIAL, f), afv)
     if n and f:
         radial_fwd_kernel[(n, triton.cdiv(f, block_f))](coord, nbr, starts, afv, out, f,
                                                         BLOCK_P=block_p, BLOCK_F=block_f)
@@ -279,8 +280,8 @@ def radial_backward(grad_out, coord, nbr, starts, afv, block_p: int | None = Non
     back as an empty (0,) tensor."""
     n, f = coord.shape[0], afv.shape[1]
     block_p = block_p or (BLOCK_P_BWD_FP64 if afv.dtype == torch.float64 else BLOCK_P_BWD)
-    gcoord = common.empty(coord.shape if need_coord else (0,), coord)
-    gafv = common.empty(afv.shape if need_afv else (0,), afv)
+    gcoord = _alloc.empty(coord.shape if need_coord else (0,), coord)
+    gafv = _alloc.empty(afv.shape if need_afv else (0,), afv)
     if n and (need_coord or need_afv):
         radial_bwd_kernel[(n,)](coord, nbr, starts, afv, grad_out,
                                 gafv if need_afv else afv, gcoord if need_coord else coord, f,
@@ -295,93 +296,36 @@ def radial_double_backward(grad_out, coord, nbr, starts, afv, u, v, block_p: int
     grad coord → gradients wrt (grad_out (N, 16, F), coord (N, 3), afv (N, F))."""
     n, f = coord.shape[0], afv.shape[1]
     block_p = block_p or (BLOCK_P_BWD2_FP64 if afv.dtype == torch.float64 else BLOCK_P_BWD2)
-    ggout = common.empty(grad_out.shape, grad_out)
-    gcoord = common.empty(coord.shape, coord)
-    gafv = common.empty(afv.shape, afv)
+    ggout = _alloc.empty(grad_out.shape, grad_out)
+    gcoord = _alloc.empty(coord.shape, coord)
+    gafv = _alloc.empty(afv.shape, afv)
     if n:
         radial_bwd2_kernel[(n,)](coord, nbr, starts, afv, grad_out, u, v, ggout, gafv, gcoord, f,
                                  BLOCK_P=block_p, BLOCK_F=block_f)
     return ggout, gcoord, gafv
 
 
-# ---------------------------------------------------------------- torch op and autograd
+# ---------------------------------------------------------------- torch ops and autograd
 
-@torch.library.custom_op("aimnet_fast::radial_contract", mutates_args=())
-def _radial_op(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor) -> torch.Tensor:
-    starts = csr_starts(pairs[0], coord.shape[0])
-    return radial_forward(coord, pairs[1].contiguous(), starts, afv)
+def _forward_from_pairs(coord, pairs, afv):
+    return radial_forward(coord, pairs[1].contiguous(), csr_starts(pairs[0], coord.shape[0]), afv)
 
 
-@_radial_op.register_fake
-def _(coord, pairs, afv):
-    return afv.new_empty(coord.shape[0], N_RADIAL, afv.shape[1])
-
-
-@torch.library.custom_op("aimnet_fast::radial_contract_backward", mutates_args=())
-def _radial_bwd_op(grad_out: torch.Tensor, coord: torch.Tensor, pairs: torch.Tensor,
-                   afv: torch.Tensor, need_coord: bool, need_afv: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = csr_starts(pairs[0], coord.shape[0])
-    return radial_backward(grad_out, coord, pairs[1].contiguous(), starts, afv,
+def _backward_from_pairs(grad_out, coord, pairs, afv, need_coord, need_afv):
+    return radial_backward(grad_out, coord, pairs[1].contiguous(),
+                           csr_starts(pairs[0], coord.shape[0]), afv,
                            need_coord=need_coord, need_afv=need_afv)
 
 
-@_radial_bwd_op.register_fake
-def _(grad_out, coord, pairs, afv, need_coord, need_afv):
-    return (coord.new_empty(coord.shape if need_coord else (0,)),
-            afv.new_empty(afv.shape if need_afv else (0,)))
+def _double_backward_from_pairs(grad_out, coord, pairs, afv, u, v):
+    return radial_double_backward(grad_out, coord, pairs[1].contiguous(),
+                                  csr_starts(pairs[0], coord.shape[0]), afv, u, v)
 
 
-def _setup_context(ctx, inputs, output):
-    coord, pairs, afv = inputs
-    ctx.save_for_backward(coord, pairs, afv)
-
-
-def _backward(ctx, grad_out):
-    coord, pairs, afv = ctx.saved_tensors
-    need_coord, _, need_afv = ctx.needs_input_grad
-    gcoord, gafv = _radial_bwd_op(grad_out.contiguous(), coord, pairs, afv, need_coord, need_afv)
-    return gcoord if need_coord else None, None, gafv if need_afv else None
-
-
-def _setup_double(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:4])
-    ctx.need = inputs[4:]
-
-
-def _double_backward(ctx, g_gcoord, g_gafv):
-    grad_out, coord, pairs, afv = ctx.saved_tensors
-    need_coord, need_afv = ctx.need
-    # a result that was not computed (or gets no gradient) contributes nothing: zeros
-    u = g_gafv if need_afv and g_gafv is not None else torch.zeros_like(afv)
-    v = g_gcoord if need_coord and g_gcoord is not None else torch.zeros_like(coord)
-    g_go, g_coord, g_afv = _radial_bwd2_op(grad_out, coord, pairs, afv, u.contiguous(),
-                                           v.contiguous())
-    return g_go, g_coord, None, g_afv, None, None
-
-
-@torch.library.custom_op("aimnet_fast::radial_contract_double_backward", mutates_args=())
-def _radial_bwd2_op(grad_out: torch.Tensor, coord: torch.Tensor, pairs: torch.Tensor,
-                    afv: torch.Tensor, u: torch.Tensor, v: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    starts = csr_starts(pairs[0], coord.shape[0])
-    return radial_double_backward(grad_out, coord, pairs[1].contiguous(), starts, afv, u, v)
-
-
-@_radial_bwd2_op.register_fake
-def _(grad_out, coord, pairs, afv, u, v):
-    return torch.empty_like(grad_out), torch.empty_like(coord), torch.empty_like(afv)
-
-
-def _no_third_derivative(ctx, *grads):
-    raise RuntimeError("radial_contract: the Triton kernels stop at the second derivative (force "
-                       "training); for higher ones use backend='torch'")
-
-
-_radial_op.register_autograd(_backward, setup_context=_setup_context)
-_radial_bwd_op.register_autograd(_double_backward, setup_context=_setup_double)
-_radial_bwd2_op.register_autograd(_no_third_derivative,
-                                  setup_context=lambda ctx, inputs, output: None)
+_OPS = contraction_ops("radial_contract", ("coord", "pairs", "afv"), "afv",
+                       _forward_from_pairs, _backward_from_pairs, _double_backward_from_pairs,
+                       out_shape=lambda coord, pairs, afv: (coord.shape[0], N_RADIAL, afv.shape[1]))
+_radial_op = _OPS.forward
 
 
 def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor) -> torch.Tensor:
@@ -393,38 +337,3 @@ def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor)
     """
     check_inputs("radial_contract", coord, afv)
     return _radial_op(coord.contiguous(), pairs.contiguous(), afv.contiguous())
-
-
-# ---------------------------------------------------------------- ahead-of-time configurations
-
-def _specs():
-    specs = []
-    for fp, fwd, bwd, bwd2 in (("fp32", BLOCK_P, BLOCK_P_BWD, BLOCK_P_BWD2),
-                               ("fp64", BLOCK_P_FP64, BLOCK_P_BWD_FP64, BLOCK_P_BWD2_FP64)):
-        specs.append({"name": f"radial_fwd_{fp}", "fn": radial_fwd_kernel,
-                      "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64", "start_ptr": "*i64",
-                                    "afv_ptr": f"*{fp}", "out_ptr": f"*{fp}", "F": "i32",
-                                    "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": {"BLOCK_P": fwd, "BLOCK_F": BLOCK_F}})
-        # with forces (both gradients) and training on energies (no coordinate gradient)
-        for suffix, need_coord in (("", True), ("_energy_only", False)):
-            specs.append({"name": f"radial_bwd{suffix}_{fp}", "fn": radial_bwd_kernel,
-                          "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64",
-                                        "start_ptr": "*i64", "afv_ptr": f"*{fp}",
-                                        "gout_ptr": f"*{fp}", "gafv_ptr": f"*{fp}",
-                                        "gcoord_ptr": f"*{fp}", "F": "i32",
-                                        "BLOCK_P": "constexpr", "BLOCK_F": "constexpr",
-                                        "NEED_COORD": "constexpr", "NEED_AFV": "constexpr"},
-                          "constexprs": {"BLOCK_P": bwd, "BLOCK_F": BLOCK_F,
-                                         "NEED_COORD": need_coord, "NEED_AFV": True}})
-        specs.append({"name": f"radial_bwd2_{fp}", "fn": radial_bwd2_kernel,
-                      "signature": {"coord_ptr": f"*{fp}", "nbr_ptr": "*i64", "start_ptr": "*i64",
-                                    "afv_ptr": f"*{fp}", "gout_ptr": f"*{fp}", "u_ptr": f"*{fp}",
-                                    "v_ptr": f"*{fp}", "ggout_ptr": f"*{fp}",
-                                    "gafv_ptr": f"*{fp}", "gcoord_ptr": f"*{fp}", "F": "i32",
-                                    "BLOCK_P": "constexpr", "BLOCK_F": "constexpr"},
-                      "constexprs": {"BLOCK_P": bwd2, "BLOCK_F": BLOCK_F}})
-    return specs
-
-
-AOT_SPECS = _specs()

@@ -46,12 +46,16 @@ def released_models(shared):
 
 
 @pytest.fixture
-def poisoned_aev_buffers(monkeypatch):
-    """Every buffer the AEV kernels' launch functions allocate starts as NaN, so an element a
-    kernel fails to write fails the comparison."""
+def poisoned_buffers(monkeypatch):
+    """Every buffer the kernels' launch functions allocate (all through ``kernels._alloc.empty``)
+    starts as NaN, or as the most negative integer for index buffers, so an element a kernel
+    fails to write fails the comparison."""
     import torch
-    common = pytest.importorskip("aimnet_fast.kernels._aev_common")
 
-    def empty(shape, like):
-        return torch.full(tuple(shape), float("nan"), dtype=like.dtype, device=like.device)
-    monkeypatch.setattr(common, "empty", empty)
+    from aimnet_fast.kernels import _alloc
+
+    def empty(shape, like, dtype=None):
+        dtype = like.dtype if dtype is None else dtype
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        return torch.full(tuple(shape), fill, dtype=dtype, device=like.device)
+    monkeypatch.setattr(_alloc, "empty", empty)

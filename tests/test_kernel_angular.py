@@ -11,19 +11,16 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from aimnet_fast import aev  # noqa: E402
-from aimnet_fast.constants import ANGULAR_SECTORS_RAD, COS_CLAMP  # noqa: E402
-from aimnet_fast.neighbors import build_neighbors  # noqa: E402
-
-angular = pytest.importorskip("aimnet_fast.kernels.angular")
-common = pytest.importorskip("aimnet_fast.kernels._aev_common")
+from aimnet_fast import aev
+from aimnet_fast.constants import ANGULAR_SECTORS_RAD, COS_CLAMP
+from aimnet_fast.kernels import _aev_common as common
+from aimnet_fast.kernels import angular
+from aimnet_fast.neighbors import build_neighbors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-pytestmark = pytest.mark.usefixtures("poisoned_aev_buffers")
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 def _batch(sizes, seed, box_A=2.6, far=()):

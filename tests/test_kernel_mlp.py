@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from aimnet_fast.model import elu_mlp as make_mlp
+from aimnet_fast.kernels import mlp
+from aimnet_fast.model import build_elu_mlp as make_mlp
 
-mlp = pytest.importorskip("aimnet_fast.kernels.mlp")
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +21,6 @@ def small_tiles(monkeypatch):
     monkeypatch.setitem(mlp.BLOCKS, "BLOCK_M", 16)
     monkeypatch.setitem(mlp.BLOCKS, "BLOCK_N", 16)
     monkeypatch.setitem(mlp.BLOCKS, "BLOCK_K", 16)
-    monkeypatch.setattr(mlp, "POISON_OUTPUTS", True)
     torch.manual_seed(1234)  # the default initialisation of the nn.Linear layers built below
 
 
@@ -223,9 +223,9 @@ def test_concatenation_gradcheck_and_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_dispatch_through_ops_and_package_export():
-    from aimnet_fast import kernels, ops
-    assert kernels.elu_mlp is mlp.elu_mlp
+def test_dispatch_through_ops():
+    from aimnet_fast import ops
+    assert ops.IMPLEMENTATIONS["triton"].elu_mlp is mlp.elu_mlp
     net = make_mlp([18, 17, 2], last_activation=False).double()
     x = torch.randn(19, 18, dtype=torch.float64)
     torch.testing.assert_close(ops.elu_mlp(x, net, backend="triton"), net(x), rtol=1e-12, atol=1e-12)

@@ -9,19 +9,16 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from aimnet_fast import aev  # noqa: E402
-from aimnet_fast.constants import ELEMENTS, RADIAL_CUTOFF_A  # noqa: E402
-from aimnet_fast.neighbors import neighbor_pairs  # noqa: E402
-
-radial = pytest.importorskip("aimnet_fast.kernels.radial")
-common = pytest.importorskip("aimnet_fast.kernels._aev_common")
+from aimnet_fast import aev
+from aimnet_fast.constants import ELEMENTS, RADIAL_CUTOFF_A
+from aimnet_fast.kernels import _aev_common as common
+from aimnet_fast.kernels import radial
+from aimnet_fast.neighbors import neighbor_pairs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-pytestmark = pytest.mark.usefixtures("poisoned_aev_buffers")
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 def _batch(sizes, seed, box_A=5.0, far=()):

@@ -1,15 +1,15 @@
-"""The whole model on the Triton backend (interpreted on the CPU) reproduces the original outputs
-like the reference path does, and agrees with the reference path in float64."""
+"""The whole model on the Triton backend (interpreted on the CPU), neighbor search included,
+reproduces the original outputs like the reference path does, and agrees with the reference path in
+float64. Every buffer the kernels allocate starts poisoned."""
 import copy
 
 import pytest
 import torch
+from test_reference_outputs import check, predict
 
 from aimnet_fast.batch import Batch
 
-pytest.importorskip("triton")
-
-from test_reference_outputs import check, predict  # noqa: E402
+pytestmark = pytest.mark.usefixtures("poisoned_buffers")
 
 
 @pytest.fixture(scope="module")

@@ -124,12 +124,15 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, y_ptr, dbias_ptr, a2_ptr,
         elif PRECISION == "bf16_emulated":
             acc = tl.dot(_round_bf16(a), _round_bf16(b), acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            # out_dtype stated: triton 3.6 defaults it to float32 and rejects a float64 acc.
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=mask_n, other=0.0)[None, :]
     if EPILOGUE_ELU:
-        # exp of the positive side is discarded; clamp it so it never overflows to inf.
-        acc = tl.where(acc > 0, acc, tl.exp(tl.minimum(acc, 0.0)) - 1.0)
+        # exp of the positive side is discarded; clamp it so it never overflows to inf. The clamp
+        # must keep NaN (tl.minimum drops it by default), or a NaN input leaves as a finite 0.
+        acc = tl.where(acc > 0, acc,
+                       tl.exp(tl.minimum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)) - 1.0)
     c = c_ptr + pid_s.to(tl.int64) * stride_cs \
         + rm.to(tl.int64)[:, None] * stride_cm + rn.to(tl.int64)[None, :] * stride_cn
     tl.store(c, acc, mask=mask_m[:, None] & mask_n[None, :])

@@ -256,3 +256,17 @@ def test_gradgradcheck_tiny():
         lambda x, w, b: mlp.linear_elu(x, w, b, True, "ieee"), (torch.cat([x1, x2], 1), w, b))
     assert torch.autograd.gradgradcheck(
         lambda x1, x2, w, b: mlp.linear_elu_cat(x1, x2, w, b, True, "ieee"), (x1, x2, w, b))
+
+
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
+@pytest.mark.parametrize("last_act", [True, False])
+def test_nan_input_gives_nan_output(precision, last_act):
+    """NaN in, NaN out, as torch.nn.Sequential gives: a NaN must never leave a layer as a finite
+    number (the ELU's clamp once turned it into 0)."""
+    net = make_mlp([20, 18, 5], last_activation=last_act)
+    x = torch.randn(7, 20)
+    x[3, 4] = float("nan")
+    ref = net(x)
+    got = mlp.elu_mlp(x, net, precision=precision)
+    assert torch.isnan(ref[3]).all()
+    torch.testing.assert_close(torch.isnan(got), torch.isnan(ref), rtol=0, atol=0)

@@ -176,3 +176,19 @@ def test_yaml_file_errors_name_the_file_or_key(tmp_path):
         load_config(p)
     p.write_text("")
     assert load_config(p) == TrainConfig()
+
+
+def test_trainer_imports_and_configs_work_without_omegaconf():
+    """A GPU image may lack omegaconf: the dataclasses, dump_yaml and the trainer still import;
+    load_config says what is missing, in one line."""
+    import subprocess
+    import sys
+    code = (
+        "import sys; sys.modules['omegaconf'] = None\n"
+        "from aimnet_fast.train import trainer, config as C\n"
+        "cfg = C.TrainConfig(); cfg.optim.lr = 5e-4\n"
+        "assert 'lr: 0.0005' in C.dump_yaml(cfg)\n"
+        "try:\n    C.load_config(None, ['optim.lr=1'])\nexcept C.ConfigError as e:\n    print(e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "needs omegaconf" in r.stdout and "pip install" in r.stdout

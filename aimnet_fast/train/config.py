@@ -19,11 +19,26 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from ..units import KCALMOL_HA
 from ..errors import ConfigError
+from ..units import KCALMOL_HA
+
+try:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+except ImportError as err:
+    # The dataclasses, to_dict, dump_yaml and the trainer's run(cfg) work without OmegaConf (a GPU
+    # image may lack it); only reading a YAML file or overrides (load_config) needs it.
+    OmegaConf = None
+    _NO_OMEGACONF = str(err)
+
+    class OmegaConfBaseException(Exception):
+        pass
+    ConfigAttributeError = ConfigKeyError = OmegaConfBaseException
+    DictConfig = ListConfig = dict
+
+#: OmegaConf's marker of a value the YAML must give (a required field).
+MISSING = "???"
 
 
 # -- the choices (checked by OmegaConf) -----------------------------------------------------------
@@ -270,6 +285,9 @@ def _read_yaml(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file (if any), then the ``dotted.key=value`` overrides in order."""
+    if OmegaConf is None:
+        raise ConfigError(f"reading a configuration needs omegaconf ({_NO_OMEGACONF}): "
+                          f"pip install 'omegaconf>=2.4'")
     cfg = OmegaConf.structured(TrainConfig)
     if path is not None:
         for k, v in _read_yaml(path).items():
@@ -317,4 +335,4 @@ def to_dict(cfg: TrainConfig) -> dict:
 
 def dump_yaml(cfg: TrainConfig) -> str:
     """The config as YAML that ``load_config`` reads back to an equal config."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

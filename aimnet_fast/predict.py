@@ -33,6 +33,7 @@ from .checkpoint import load_model
 from .cpu import tune_allocator
 from .errors import AIMNetError, PredictError, report
 from .io import Frame, chunk_frames, frames_to_batch, read_xyz
+from . import ops
 from .model import AIMNet
 from .units import OUTPUT_UNITS
 
@@ -186,7 +187,7 @@ def build_parser(prog: str = "python -m aimnet_fast.predict") -> argparse.Argume
     p.add_argument("--forces", action="store_true", help="also compute forces -dE/dR")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="MODEL2",
                    help="more checkpoints: report the mean and the standard deviation")
-    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto")
+    p.add_argument("--backend", choices=ops.BACKENDS, default="auto")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (default cpu)")
     p.add_argument("--batch-atoms", type=int, default=DEFAULT_BATCH_ATOMS,
                    help=f"atom budget of one batch (default {DEFAULT_BATCH_ATOMS})")

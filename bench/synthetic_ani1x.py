@@ -4,7 +4,7 @@ then memory-mapped. Each stage runs in a fresh process and reports its peak RSS 
 end, its anonymous (RssAnon: private copies) and file-backed (RssFile: page cache of the memory map)
 resident memory.
 
-    python bench/synthetic_ani1x.py [--n 5000000] [--groups 3000] [--dir /tmp/aimnet_fast_synth] [--keep]
+    python -m bench.synthetic_ani1x [--n 5000000] [--groups 3000] [--dir /tmp/aimnet_fast_synth] [--keep]
 
 Writes only under --dir (never into the repository) and deletes it at the end unless --keep.
 """
@@ -79,7 +79,7 @@ def main():
     if a.stage:
         print(json.dumps(stage(a.stage, str(h5), str(cache))))
         return
-    from aimnet_fast.data.synthetic import load_templates, write_synthetic_ani1x
+    from bench.synthetic import load_templates, write_synthetic_ani1x
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     try:
@@ -90,8 +90,8 @@ def main():
         info["h5_MB"] = round(h5.stat().st_size / 2**20)
         print(json.dumps({"stage": "write", **info}), flush=True)
         for name in ("build", "load"):
-            r = subprocess.run([sys.executable, __file__, "--dir", str(d), "--stage", name],
-                               capture_output=True, text=True, check=True)
+            r = subprocess.run([sys.executable, "-m", "bench.synthetic_ani1x", "--dir", str(d),
+                                "--stage", name], capture_output=True, text=True, check=True, cwd=REPO)
             res = json.loads(r.stdout.strip().splitlines()[-1])
             if name == "build":
                 res["cache_MB"] = round(sum(f.stat().st_size for f in cache.rglob("*")) / 2**20)

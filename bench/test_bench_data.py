@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from aimnet_fast.data import BatchSampler, collate, fit_sae, load_dataset
-from aimnet_fast.data.synthetic import load_templates, write_synthetic_ani1x
+from bench.synthetic import load_templates, write_synthetic_ani1x
 
 N_CONF = int(os.environ.get("BENCH_DATA_CONFORMERS", 200_000))
 

@@ -10,7 +10,7 @@ import icount
 
 from aimnet_fast.batch import Batch
 from aimnet_fast.neighbors import build_neighbors
-from aimnet_fast.synthetic import water_cluster
+from bench.synthetic import water_cluster
 
 FIGURES: list[str] = []
 

@@ -10,7 +10,7 @@ import aimnet_fast.data.readers as readers
 from aimnet_fast.constants import ELEMENTS
 from aimnet_fast.data import (collate, default_dataset_path, default_sources, fit_sae, load_dataset,
                               relative_energy)
-from aimnet_fast.data.synthetic import K_HA_PER_A2, load_templates, write_synthetic_ani1x
+from bench.synthetic import K_HA_PER_A2, load_templates, write_synthetic_ani1x
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ forces. Runs in a fresh process so that its peak memory (VmHWM) is its own; the 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ import json, sys, time, torch
 from aimnet_fast.checkpoint import convert_released
 from aimnet_fast.batch import Batch
 from aimnet_fast.neighbors import build_neighbors
-from aimnet_fast.synthetic import water_cluster
+from bench.synthetic import water_cluster
 
 d = sys.argv[1]
 model = convert_released(d + "/aimnet_cv0.pt", d + "/aimnet_mt_cv0.pt")
@@ -36,8 +37,9 @@ print(json.dumps({"atoms": b.n_atoms, "pairs": nb.radial.shape[1], "brute_pairs"
 
 @pytest.mark.slow
 def test_water_cluster_2000_atoms(shared):
+    # cwd: the repository root, where the child finds bench/synthetic.py
     r = subprocess.run([sys.executable, "-c", SCRIPT, str(shared / "aimnet_pretrained")],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     print("\n2001-atom water cluster:", res)

@@ -4,7 +4,6 @@ T=1 → T=3 switch of the curriculum."""
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,13 +27,10 @@ def _matches(name: str, patterns) -> bool:
 
 
 def _load_init(path: str) -> AIMNet:
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"model.init_from={path}: no such file")
     try:
-        return load_model(p)
-    except OSError as e:
-        raise CheckpointError(f"model.init_from={path}: cannot read it: {e.strerror or e}") from e
+        return load_model(path)
+    except CheckpointError as e:  # load_model names the file; say which key gave it
+        raise CheckpointError(f"model.init_from: {e}") from e
 
 
 def build_model(cfg: C.TrainConfig, log: Callable[[str], None] = print) -> AIMNet:

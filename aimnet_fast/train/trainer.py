@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .. import data as D
-from ..errors import AIMNetError, CheckpointError, ConfigError, TrainingError, one_line
+from ..errors import AIMNetError, CheckpointError, TrainingError, report
 from . import config as C
 from .batches import device_batches, load_data, split_digest, val_batches
 from .dist import Dist, process_settings, setup_distributed, teardown
@@ -334,8 +334,6 @@ def parse_args(argv, prog: str = "python -m aimnet_fast.train") -> C.TrainConfig
     overrides = [x for x in a.items if "=" in x]
     if len(files) > 1:
         ap.error(f"one config file at most, got {files}")
-    if files and not Path(files[0]).is_file():
-        raise ConfigError(f"{files[0]}: no such config file")
     if a.resume:
         overrides.append("resume=true")
     cfg = C.load_config(files[0] if files else None, overrides)
@@ -353,15 +351,13 @@ def main(argv=None, prog: str = "python -m aimnet_fast.train") -> int:
     try:
         cfg = parse_args(argv, prog)
     except AIMNetError as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return report(prog, e)
     dist = setup_distributed(cfg.device)
     process_settings(cfg.num_threads, cfg.flush_denormal, dist.device)
     try:
         run(cfg, dist)
     except AIMNetError as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+        return report(prog, e)
     finally:
         teardown(dist)
     return 0

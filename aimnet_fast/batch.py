@@ -123,7 +123,7 @@ class Batch:
         atoms closer than MIN_DISTANCE_A; return self otherwise."""
         if self.n_mol == 0:
             raise InputError("the batch holds no molecule")
-        sizes = self.offsets[1:] - self.offsets[:-1]
+        sizes = self.mol_sizes
         empty = torch.nonzero(sizes == 0).flatten()
         if empty.numel():
             raise InputError(f"{self.name(int(empty[0]))}: empty molecule (no atoms)")

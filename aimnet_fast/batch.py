@@ -118,9 +118,10 @@ class Batch:
     def name(self, m: int) -> str:
         return self.names[m] if m < len(self.names) else f"molecule {m}"
 
-    def validate(self, elements: Sequence[int] = ELEMENTS) -> "Batch":
+    def validate(self, elements: Sequence[int] = ELEMENTS, overlap: bool = True) -> "Batch":
         """Raise InputError for an empty molecule, an unknown element, NaN/inf coordinates or
-        atoms closer than MIN_DISTANCE_A; return self otherwise."""
+        (``overlap``) atoms closer than MIN_DISTANCE_A; return self otherwise. A caller that builds
+        the neighbor list anyway passes ``overlap=False`` and then ``check_overlap(its pairs)``."""
         if self.n_mol == 0:
             raise InputError("the batch holds no molecule")
         sizes = self.mol_sizes
@@ -144,9 +145,23 @@ class Batch:
             m = int(self.mol_idx[a])
             raise InputError(f"{self.name(m)}: coordinates of atom {a - int(self.offsets[m])} "
                              f"are not finite: {self.coord[a].tolist()}")
-        from .neighbors import neighbor_pairs  # late import: neighbors imports nothing from here
+        if overlap:
+            self.check_overlap()
+        return self
 
-        pairs = neighbor_pairs(self.coord.detach(), self.mol_idx, MIN_DISTANCE_A)
+    def check_overlap(self, pairs: Optional[torch.Tensor] = None) -> "Batch":
+        """Raise InputError, naming the molecule and both atoms, if two atoms are closer than
+        MIN_DISTANCE_A. ``pairs`` (2, P), sorted by (i, j): a neighbor list of this batch with a
+        cutoff of at least MIN_DISTANCE_A (e.g. the model's radial list), so that no second
+        search is needed; without it, one is made. Coordinates must be finite (``validate``)."""
+        coord = self.coord.detach()
+        if pairs is None:
+            from .neighbors import neighbor_pairs  # late import: neighbors imports nothing from here
+            pairs = neighbor_pairs(coord, self.mol_idx, MIN_DISTANCE_A)
+        else:
+            pairs = pairs.to(coord.device)
+            d2 = (coord.index_select(0, pairs[1]) - coord.index_select(0, pairs[0])).square().sum(1)
+            pairs = pairs[:, d2 < MIN_DISTANCE_A * MIN_DISTANCE_A]
         if pairs.shape[1]:
             i, j = int(pairs[0, 0]), int(pairs[1, 0])
             m = int(self.mol_idx[i])

@@ -9,6 +9,8 @@ import ctypes
 import ctypes.util
 import sys
 
+import torch
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
@@ -29,3 +31,13 @@ def tune_allocator(threshold_bytes: int = 1 << 30) -> bool:
         return False
     ok = mallopt(_M_MMAP_THRESHOLD, threshold_bytes) == 1
     return mallopt(_M_TRIM_THRESHOLD, threshold_bytes) == 1 and ok
+
+
+def flush_denormals() -> bool:
+    """Treat denormal floats as zero on this process's CPU threads (where the CPU supports it).
+
+    The Gaussians of the AEV and the ELU's exp underflow into denormals at the edges of the
+    cutoffs, and each denormal operation costs ~100 cycles: training steps ran ~50× slower
+    without this (bench/RESULTS.md). Changes results only below 1.2e-38 (float32) / 2.2e-308
+    (float64). Returns whether the CPU supports it."""
+    return bool(torch.set_flush_denormal(True))

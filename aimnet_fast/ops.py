@@ -5,9 +5,12 @@ is called through here, and this is the one module that imports the Triton kerne
 Backends (``BACKENDS``):
 
 - ``"torch"``  the reference: ``aimnet_fast.aev``, ``aimnet_fast.neighbors``, ``torch.nn``
+- ``"cpu"``    the fast CPU backend: ``aimnet_fast.cpu_aev``'s contractions (row-blocked matrix
+  products instead of the reference's per-term products), the reference's neighbors and MLPs
 - ``"triton"`` the kernels (CUDA tensors, or any tensors under TRITON_INTERPRET=1)
-- ``"auto"``   Triton for CUDA tensors where it is installed, the reference elsewhere; decided per
-  call from the tensors' device, because a model is often built on the CPU and moved after
+- ``"auto"``   Triton for CUDA tensors where it is installed, the fast CPU backend for CPU tensors;
+  decided per call from the tensors' device, because a model is often built on the CPU and moved
+  after (the reference runs on any device, but only when asked for by name)
 
 A name is checked once, by ``resolve_backend`` (``AIMNet`` calls it when built and whenever its
 ``backend`` is set); the operations themselves only look it up. Another backend is one more entry
@@ -21,7 +24,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from . import aev
+from . import aev, cpu_aev
 from . import neighbors as reference_neighbors
 from .errors import ConfigError
 
@@ -58,11 +61,14 @@ def _sequential_cat(x1: torch.Tensor, x2: torch.Tensor, layers: nn.Sequential,
 
 TORCH = Backend(aev.radial_contract, aev.angular_contract, _sequential, _sequential_cat,
                 reference_neighbors.build_neighbors)
+CPU = TORCH._replace(radial_contract=cpu_aev.radial_contract,
+                     angular_contract=cpu_aev.angular_contract)
 
 #: name → implementation; None where the backend's package is not installed (the reason is in
 #: ``_UNAVAILABLE``), so that asking for it says so instead of "unknown backend".
 IMPLEMENTATIONS: dict[str, Backend | None] = {
     "torch": TORCH,
+    "cpu": CPU,
     "triton": None if _TRITON_MISSING else Backend(
         radial.radial_contract, angular.angular_contract, mlp.elu_mlp, mlp.elu_mlp_cat,
         kernel_neighbors.build_neighbors),
@@ -85,7 +91,10 @@ def resolve_backend(name: str) -> str:
 
 def _impl(backend: str, x: torch.Tensor) -> Backend:
     if backend == "auto":
-        backend = "triton" if x.is_cuda and _TRITON_MISSING is None else "torch"
+        if x.is_cuda:
+            backend = "torch" if _TRITON_MISSING else "triton"
+        else:
+            backend = "cpu"
     impl = IMPLEMENTATIONS.get(backend)
     if impl is None:  # a name that bypassed resolve_backend: raise its explanation
         resolve_backend(backend)

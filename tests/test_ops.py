@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from aimnet_fast import aev, ops
+from aimnet_fast import aev, cpu_aev, ops
 from aimnet_fast.constants import ANGULAR_CUTOFF_A, ELEMENTS
 from aimnet_fast.kernels import neighbors as kernel_neighbors
 from aimnet_fast.model import AIMNet
@@ -66,12 +66,14 @@ def _refusing_backend():
     return ops.Backend(*([refuse] * len(ops.Backend._fields)))
 
 
-def test_auto_runs_the_reference_on_cpu_tensors_and_the_table_on_request(monkeypatch):
+def test_auto_runs_the_fast_cpu_backend_on_cpu_tensors_and_the_table_on_request(monkeypatch):
     monkeypatch.setitem(ops.IMPLEMENTATIONS, "triton", _refusing_backend())
     _, coord, mol_idx = _molecule(6, seed=1)
     pairs = neighbor_pairs(coord, mol_idx, 4.6)
     afv = torch.randn(6, 5, dtype=torch.float64)
     torch.testing.assert_close(ops.radial_contract(coord, pairs, afv, "auto"),
+                               cpu_aev.radial_contract(coord, pairs, afv), rtol=0, atol=0)
+    torch.testing.assert_close(ops.radial_contract(coord, pairs, afv, "torch"),
                                aev.radial_contract(coord, pairs, afv), rtol=0, atol=0)
     _same_neighbors(ops.build_neighbors(coord, mol_idx, "auto"), build_neighbors(coord, mol_idx))
     for call in (lambda: ops.radial_contract(coord, pairs, afv, "triton"),
@@ -79,6 +81,9 @@ def test_auto_runs_the_reference_on_cpu_tensors_and_the_table_on_request(monkeyp
                  lambda: ops.elu_mlp(afv, torch.nn.Sequential(), "triton")):
         with pytest.raises(_Refused):
             call()
+    monkeypatch.setitem(ops.IMPLEMENTATIONS, "cpu", _refusing_backend())
+    with pytest.raises(_Refused):
+        ops.radial_contract(coord, pairs, afv, "auto")
 
 
 def test_forward_builds_its_neighbors_through_the_seam(monkeypatch):

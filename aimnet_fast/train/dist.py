@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.distributed as tdist
 
-from ..cpu import tune_allocator
+from ..cpu import flush_denormals, tune_allocator
 
 
 @dataclass
@@ -77,7 +77,7 @@ def process_settings(num_threads: Optional[int], flush_denormal: bool, device: t
         torch.set_num_threads(num_threads)
     if device.type == "cpu":
         if flush_denormal:
-            torch.set_flush_denormal(True)
+            flush_denormals()
         tune_allocator()
 
 

@@ -1,0 +1,181 @@
+"""Writers for prediction results, chosen by the output file's suffix, fed one batch at a time.
+
+- ``.json`` (and standard output): one document, ``{"format": "aimnet_fast.predict", "units",
+  "models", "input", "n_models", "heads", "molecules": [...]}``, one molecule per line, in the
+  model's units (Hartree, Hartree/Å, e, bohr³; names say which). Written as the batches come, so
+  memory does not grow with the file.
+- ``.extxyz`` (or ``.xyz``): extended XYZ that ``ase.io.read(path, ":")`` reads into Atoms with a
+  calculator holding ``energy`` (eV), ``forces`` (eV/Å) and ``charges`` (e): ASE's units, converted
+  here at the edge. The comment line also holds ``energy_Ha`` and the frame's ``name`` and
+  ``source``; per-atom ``volumes_bohr3`` is an extra column.
+- ``.npz``: flat arrays (``numbers``, ``offsets`` (M+1,), ``energy_Ha`` (M,), ``forces_Ha_per_A``
+  (N, 3), ...) plus ``name``, ``source``, ``index`` per molecule and ``units`` (a JSON string);
+  arrays are gathered until the end (a few dozen bytes per atom).
+
+Every writer writes to ``PATH.partial`` and renames it into place only when all molecules are
+written: a failed run leaves no output that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .units import HARTREE_TO_EV
+
+SUFFIXES = (".json", ".extxyz", ".xyz", ".npz")
+
+
+class _Writer:
+    def __init__(self, path: Path | None, header: dict):
+        self.path = path
+        self.header = header
+        self.count = 0
+        if path is None:
+            self.tmp, self.fh = None, sys.stdout
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = path.with_name(path.name + ".partial")
+            self.fh = open(self.tmp, "wb" if isinstance(self, NpzWriter) else "w")
+
+    def write(self, frames: Sequence, numbers: np.ndarray, offsets: np.ndarray,
+              arrays: dict[str, np.ndarray]) -> None:
+        """One batch: its frames (``io.Frame``), atomic numbers (N,), offsets (M+1,) and the
+        result arrays by output name (``energy_Ha`` (M,), ``forces_Ha_per_A`` (N, 3), ...)."""
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._finish()
+        if self.tmp is not None:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+            os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.tmp is not None:
+            self.fh.close()
+            self.tmp.unlink(missing_ok=True)
+
+
+PER_MOLECULE = ("energy_Ha", "energy_std_Ha")
+
+
+class JsonWriter(_Writer):
+    def __init__(self, path, header):
+        super().__init__(path, header)
+        head = json.dumps(header, indent=1)
+        self.fh.write(head[:-2] + ',\n "molecules": [')
+
+    def write(self, frames, numbers, offsets, arrays):
+        fh = self.fh
+        nums = numbers.tolist()
+        per_mol = {k: v.tolist() for k, v in arrays.items() if k in PER_MOLECULE}
+        per_atom = {k: v for k, v in arrays.items() if k not in PER_MOLECULE}
+        for m, f in enumerate(frames):
+            a, b = int(offsets[m]), int(offsets[m + 1])
+            r = {"index": f.index, "name": f.title, "source": f.source, "numbers": nums[a:b]}
+            for k in ("energy_Ha", "energy_std_Ha"):
+                if k in per_mol:
+                    r[k] = per_mol[k][m]
+            for k, v in per_atom.items():
+                r[k] = v[a:b].tolist()
+            fh.write(("\n" if self.count == 0 else ",\n") + json.dumps(r))
+            self.count += 1
+
+    def _finish(self):
+        self.fh.write("\n]}\n")
+
+
+class ExtxyzWriter(_Writer):
+    def write(self, frames, numbers, offsets, arrays):
+        from .constants import PERIODIC_TABLE
+        props = ["species:S:1", "pos:R:3"]
+        cols = []
+        if "forces_Ha_per_A" in arrays:
+            props.append("forces:R:3")
+            cols.append(arrays["forces_Ha_per_A"] * HARTREE_TO_EV)
+        if "forces_std_Ha_per_A" in arrays:
+            props.append("forces_std:R:3")
+            cols.append(arrays["forces_std_Ha_per_A"] * HARTREE_TO_EV)
+        if "charges_e" in arrays:
+            props.append("charges:R:1")
+            cols.append(arrays["charges_e"][:, None])
+        if "volumes_bohr3" in arrays:
+            props.append("volumes_bohr3:R:1")
+            cols.append(arrays["volumes_bohr3"][:, None])
+        ncol = sum(c.shape[1] for c in cols)
+        row_fmt = "%-2s %.8f %.8f %.8f" + " %.10e" * ncol + "\n"
+        symbols = [PERIODIC_TABLE[z] for z in numbers.tolist()]
+        values = np.concatenate(cols, axis=1) if cols else np.zeros((len(symbols), 0))
+        for m, f in enumerate(frames):
+            a, b = int(offsets[m]), int(offsets[m + 1])
+            info = [f"Properties={':'.join(props)}"]
+            if "energy_Ha" in arrays:
+                e = float(arrays["energy_Ha"][m])
+                info.append(f"energy={e * HARTREE_TO_EV!r} energy_Ha={e!r}")
+            if "energy_std_Ha" in arrays:
+                info.append(f"energy_std={float(arrays['energy_std_Ha'][m]) * HARTREE_TO_EV!r}")
+            info.append(f"name={json.dumps(str(f.title))} source={json.dumps(str(f.source))} "
+                        f'index={f.index} pbc="F F F"')
+            coord = np.asarray(f.coord, dtype=np.float64)
+            lines = [f"{b - a}\n", " ".join(info) + "\n"]
+            for n in range(b - a):
+                lines.append(row_fmt % (symbols[a + n], *coord[n], *values[a + n]))
+            self.fh.write("".join(lines))
+            self.count += 1
+
+
+class NpzWriter(_Writer):
+    def __init__(self, path, header):
+        super().__init__(path, header)
+        self.parts: dict[str, list] = {"numbers": [], "sizes": [], "name": [], "source": [],
+                                       "index": []}
+
+    def write(self, frames, numbers, offsets, arrays):
+        self.parts["numbers"].append(numbers)
+        self.parts["sizes"].append(np.diff(offsets))
+        self.parts["name"].extend(str(f.title) for f in frames)
+        self.parts["source"].extend(str(f.source) for f in frames)
+        self.parts["index"].extend(f.index for f in frames)
+        for k, v in arrays.items():
+            self.parts.setdefault(k, []).append(v)
+        self.count += len(frames)
+
+    def _finish(self):
+        out = {}
+        for k, v in self.parts.items():
+            if k in ("name", "source"):
+                out[k] = np.array(v, dtype=str)
+            elif k == "index":
+                out[k] = np.array(v, dtype=np.int64)
+            else:
+                out[k] = np.concatenate(v) if v else np.zeros(0)
+        sizes = out.pop("sizes")
+        out["offsets"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        out["units"] = np.array(json.dumps(self.header["units"]))
+        np.savez(self.fh, **out)
+
+
+def open_writer(path: str | os.PathLike | None, header: dict) -> _Writer:
+    """The writer for ``path``'s suffix (JSON on standard output for None). ValueError for a
+    suffix it does not know."""
+    if path is None:
+        return JsonWriter(None, header)
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return NpzWriter(path, header)
+    if suffix in (".extxyz", ".xyz"):
+        return ExtxyzWriter(path, header)
+    if suffix == ".json":
+        return JsonWriter(path, header)
+    raise ValueError(f"{path}: unknown output format {suffix or '(no suffix)'!r}; use one of "
+                     f"{', '.join(SUFFIXES)}")

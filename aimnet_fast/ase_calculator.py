@@ -26,7 +26,8 @@ import numpy as np
 from .batch import Batch, InputError
 from .units import HARTREE_TO_EV
 from .model import AIMNet
-from .predict import load_models, predict
+from .cpu import flush_denormals
+from .predict import batch_neighbors, check_ensemble, common_elements, load_models, predict_arrays
 
 
 class AIMNetCalculator(Calculator):
@@ -52,7 +53,11 @@ class AIMNetCalculator(Calculator):
             else:
                 raise TypeError(f"expected an AIMNet or a checkpoint path, got "
                                 f"{type(item).__name__}")
+        check_ensemble(self.models)
+        self.elements = common_elements(self.models)
         self.has_charges = all("elmoments" in m.heads for m in self.models)
+        if any(next(m.parameters()).device.type == "cpu" for m in self.models):
+            flush_denormals()  # as every CPU entry point: denormal AEV tails cost ~100× each
 
     def calculate(self, atoms=None, properties: Sequence[str] = ("energy",),
                   system_changes=all_changes):
@@ -67,16 +72,20 @@ class AIMNetCalculator(Calculator):
             [(self.atoms.numbers, np.asarray(self.atoms.positions, dtype=np.float64))],
             names=[f"ASE Atoms {self.atoms.get_chemical_formula()}"], dtype=dtype)
         want_forces = "forces" in properties
-        (r,) = predict(self.models, batch, forces=want_forces)
-        energy_eV = r["energy_Ha"] * HARTREE_TO_EV
+        # the same path as the predict command: checks sharing the model's one neighbor search
+        batch.validate(self.elements, overlap=False)
+        nb = batch_neighbors(self.models[0], batch)
+        batch.check_overlap(nb.radial)
+        r = predict_arrays(self.models, batch, forces=want_forces, neighbors=nb)
+        energy_eV = float(r["energy_Ha"][0]) * HARTREE_TO_EV
         self.results["energy"] = energy_eV
         self.results["free_energy"] = energy_eV
         if "energy_std_Ha" in r:
-            self.results["energy_std"] = r["energy_std_Ha"] * HARTREE_TO_EV
+            self.results["energy_std"] = float(r["energy_std_Ha"][0]) * HARTREE_TO_EV
         if want_forces:
-            self.results["forces"] = np.asarray(r["forces_Ha_per_A"]) * HARTREE_TO_EV
+            self.results["forces"] = r["forces_Ha_per_A"] * HARTREE_TO_EV
         if "charges_e" in r:
-            self.results["charges"] = np.asarray(r["charges_e"])
+            self.results["charges"] = r["charges_e"].copy()
 
 
 __all__ = ["AIMNetCalculator"]

@@ -121,11 +121,11 @@ def test_ensemble_is_the_mean_of_single_models(checkpoints, reference_xyz, refer
             single[name] = cv0_forces["molecules"]
             continue
         assert P.main([str(checkpoints[name]), str(reference_xyz), "--out", str(out),
-                       "--forces"]) == 0
+                       "--forces", "--backend", "torch"]) == 0
         single[name] = json.loads(out.read_text())["molecules"]
     out = tmp_path / "ens.json"
     assert P.main([str(checkpoints["cv0"]), str(reference_xyz), "--forces", "--out", str(out),
-                   "--ensemble", str(checkpoints["cv1"])]) == 0
+                   "--ensemble", str(checkpoints["cv1"]), "--backend", "torch"]) == 0
     doc = json.loads(out.read_text())
     assert doc["n_models"] == 2
     for k, got in enumerate(doc["molecules"]):

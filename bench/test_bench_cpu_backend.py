@@ -1,0 +1,150 @@
+"""The fast CPU backend ("cpu", ``aimnet_fast.cpu_aev``) beside the reference ("torch"), in one run:
+prediction with forces and a T = 3 training step's model cost on S66x8 conformers, the share of that
+step spent outside the MLPs' matrix products, and the cost per atom of energy+forces from 21 to
+20,001 atoms (single water droplets).
+
+    pytest bench/test_bench_cpu_backend.py --benchmark-only -s
+
+The figures printed at the end include the cpu/torch ratios measured in this run; figures from a
+run are in bench/RESULTS.md with the command that gave them.
+"""
+import copy
+
+import pytest
+import torch
+
+import icount
+
+from aimnet_fast.batch import Batch
+from aimnet_fast.ops import build_neighbors
+from bench.synthetic import water_cluster
+
+FIGURES: list[str] = []
+MEDIANS: dict[str, float] = {}
+BACKENDS = ("torch", "cpu")
+
+
+@pytest.fixture(scope="module")
+def models(released_model):
+    out = {}
+    for backend in BACKENDS:
+        m = copy.deepcopy(released_model)
+        m.backend = backend
+        out[backend] = m
+    return out
+
+
+@pytest.fixture(scope="module")
+def s66_batch(s66x8_molecules):
+    return Batch.from_molecules(s66x8_molecules[::4][:32 if icount.in_child() else 128])
+
+
+def _keep(benchmark, key, text):
+    if benchmark.disabled:
+        return
+    MEDIANS[key] = benchmark.stats.stats.median
+    FIGURES.append(f"{text}: median {MEDIANS[key] * 1e3:.1f} ms")
+
+
+def _frozen(model):
+    m = copy.deepcopy(model).eval()
+    m.requires_grad_(False)
+    return m
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_predict_forces(benchmark, guard, models, s66_batch, backend):
+    """Energy and forces of 128 S66x8 conformers, as the predict command runs them."""
+    b = s66_batch
+    model = _frozen(models[backend])
+
+    def run():
+        c = b.coord.clone().requires_grad_(True)
+        e = model(b.numbers, c, b.mol_idx, b.n_mol, all_passes=False)["energy"]
+        return torch.autograd.grad(e.sum(), c)[0]
+
+    guard.measure(benchmark, f"cpu_backend.predict_forces[{backend}]", run, rounds=7)
+    _keep(benchmark, f"predict.{backend}", f"predict energy+forces, {b.n_atoms} atoms, {backend}")
+
+
+def _train_step(model, b):
+    model.zero_grad(set_to_none=True)
+    out = model(b.numbers, b.coord, b.mol_idx, b.n_mol)
+    loss = out["passes"]["energy"].float().var() + out["passes"]["charges"].square().mean()
+    loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_step_t3(benchmark, guard, models, s66_batch, backend):
+    """Forward T = 3, energy and charge loss on every pass, backward to the parameters."""
+    model = models[backend]
+    guard.measure(benchmark, f"cpu_backend.train_step_t3[{backend}]",
+                  lambda: _train_step(model, s66_batch), rounds=7)
+    _keep(benchmark, f"train.{backend}", f"T=3 step, {s66_batch.n_atoms} atoms, {backend}")
+
+
+#: The matrix products of the MLPs: nn.Linear's forward (addmm) and its backward (mm). The
+#: contractions' own products are bmm, counted outside.
+MLP_MATMUL_OPS = ("aten::addmm", "aten::mm")
+
+
+def test_share_outside_mlp_matmuls(benchmark, models, s66_batch):
+    """Self CPU time of one T = 3 step on the CPU backend, by operator: the part that is not the
+    MLPs' matrix products (goal: at most 25 %)."""
+    if benchmark.disabled:
+        pytest.skip("a profile, not a timing: only with timings on")
+    from torch.profiler import ProfilerActivity, profile
+    model = models["cpu"]
+    _train_step(model, s66_batch)
+    shares = []
+    for _ in range(3):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _train_step(model, s66_batch)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        mlp = sum(e.self_cpu_time_total for e in events if e.key in MLP_MATMUL_OPS)
+        shares.append(1.0 - mlp / total)
+    share = min(shares)
+    benchmark.extra_info.update(share_outside_mlp_matmuls=share)
+    benchmark.pedantic(lambda: None, rounds=1)
+    FIGURES.append(f"T=3 step on the cpu backend: {share:.0%} of the time outside the MLP "
+                   f"matrix products (goal ≤ 25 %; min of 3 profiles)")
+
+
+@pytest.mark.parametrize("n_water", [7, 67, 667, 6667])
+def test_predict_cost_per_atom(benchmark, guard, models, n_water):
+    """One water droplet of 21 … 20,001 atoms: neighbor search, energy and forces (cpu backend)."""
+    if icount.in_child() and n_water > 667:
+        pytest.skip("too long under callgrind")
+    numbers, coord = water_cluster(n_water)
+    b = Batch.from_molecules([(numbers, coord)])
+    model = _frozen(models["cpu"])
+
+    def run():
+        c = b.coord.clone().requires_grad_(True)
+        nb = build_neighbors(c, b.mol_idx, "cpu")
+        e = model(b.numbers, c, b.mol_idx, 1, neighbors=nb, all_passes=False)["energy"]
+        return torch.autograd.grad(e.sum(), c)[0]
+
+    inner = max(1, 600 // b.n_atoms)
+    big = n_water > 1000  # 20,001 atoms: ~25 s a call on one thread
+    guard.measure(benchmark, f"cpu_backend.predict_cost_per_atom[{b.n_atoms}]", run,
+                  rounds=1 if big else 7, warmup_rounds=0 if big else 1, inner=inner)
+    if benchmark.disabled:
+        return
+    t = benchmark.stats.stats.median / inner
+    MEDIANS[f"per_atom.{b.n_atoms}"] = t / b.n_atoms
+    FIGURES.append(f"predict energy+forces per atom, {b.n_atoms} atoms: "
+                   f"{t / b.n_atoms * 1e6:.0f} µs/atom")
+
+
+def teardown_module():
+    for what in ("predict", "train"):
+        if f"{what}.torch" in MEDIANS and f"{what}.cpu" in MEDIANS:
+            FIGURES.append(f"{what}: cpu backend {MEDIANS[f'{what}.torch'] / MEDIANS[f'{what}.cpu']:.2f}× "
+                           f"the reference's speed (same run)")
+    per_atom = [v for k, v in MEDIANS.items() if k.startswith("per_atom.")]
+    if len(per_atom) > 1:
+        FIGURES.append(f"cost per atom, 21–20,001 atoms: max/min {max(per_atom) / min(per_atom):.2f} "
+                       f"(goal ≤ 1.5)")
+    print("\n" + "\n".join(FIGURES))

@@ -114,8 +114,8 @@ def test_share_outside_mlp_matmuls(benchmark, models, s66_batch):
 @pytest.mark.parametrize("n_water", [7, 67, 667, 6667])
 def test_predict_cost_per_atom(benchmark, guard, models, n_water):
     """One water droplet of 21 … 20,001 atoms: neighbor search, energy and forces (cpu backend)."""
-    if icount.in_child() and n_water > 667:
-        pytest.skip("too long under callgrind")
+    if n_water > 667 and (icount.in_child() or benchmark.disabled):
+        pytest.skip("20,001 atoms: too long for callgrind and for the smoke run")
     numbers, coord = water_cluster(n_water)
     b = Batch.from_molecules([(numbers, coord)])
     model = _frozen(models["cpu"])

@@ -27,7 +27,7 @@ from .batch import Batch, InputError
 from .units import HARTREE_TO_EV
 from .model import AIMNet
 from .cpu import flush_denormals
-from .predict import batch_neighbors, check_ensemble, common_elements, load_models, predict_arrays
+from .predict import check_ensemble, checked_neighbors, common_elements, load_models, predict_arrays
 
 
 class AIMNetCalculator(Calculator):
@@ -73,9 +73,7 @@ class AIMNetCalculator(Calculator):
             names=[f"ASE Atoms {self.atoms.get_chemical_formula()}"], dtype=dtype)
         want_forces = "forces" in properties
         # the same path as the predict command: checks sharing the model's one neighbor search
-        batch.validate(self.elements, overlap=False)
-        nb = batch_neighbors(self.models[0], batch)
-        batch.check_overlap(nb.radial)
+        nb = checked_neighbors(self.models, batch, self.elements)
         r = predict_arrays(self.models, batch, forces=want_forces, neighbors=nb)
         energy_eV = float(r["energy_Ha"][0]) * HARTREE_TO_EV
         self.results["energy"] = energy_eV

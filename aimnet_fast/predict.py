@@ -37,7 +37,7 @@ from .cpu import flush_denormals, tune_allocator
 from .errors import AIMNetError, PredictError, report
 from .io import Frame, chunk_frames, frames_to_batch, read_xyz
 from .neighbors import Neighbors
-from .predict_output import SUFFIXES, open_writer
+from .predict_output import SUFFIXES, open_writer, records
 from . import ops
 from .model import AIMNet
 from .units import OUTPUT_UNITS
@@ -167,18 +167,6 @@ def predict_arrays(models, batch: Batch, forces: bool = False,
     return {k: out[k] for k in order if k in out}
 
 
-def records(numbers: np.ndarray, offsets: Sequence[int], arrays: dict[str, np.ndarray]) -> list[dict]:
-    """Per-molecule dicts (``numbers`` and the output names, as lists) from flat arrays."""
-    results = []
-    for m in range(len(offsets) - 1):
-        a, b = offsets[m], offsets[m + 1]
-        r: dict = {"numbers": numbers[a:b].tolist()}
-        for k, v in arrays.items():
-            r[k] = float(v[m]) if k in ("energy_Ha", "energy_std_Ha") else v[a:b].tolist()
-        results.append(r)
-    return results
-
-
 def predict(models, batch: Batch, forces: bool = False, validate: bool = True) -> list[dict]:
     """Run one model or an ensemble on a batch.
 
@@ -191,11 +179,7 @@ def predict(models, batch: Batch, forces: bool = False, validate: bool = True) -
     """
     models = _as_models(models)
     check_ensemble(models)
-    neighbors = None
-    if validate:
-        batch.validate(common_elements(models), overlap=False)
-        neighbors = batch_neighbors(models[0], batch)
-        batch.check_overlap(neighbors.radial)
+    neighbors = checked_neighbors(models, batch, common_elements(models)) if validate else None
     arrays = predict_arrays(models, batch, forces, neighbors)
     return records(batch.numbers.numpy(), batch.offsets.tolist(), arrays)
 
@@ -203,8 +187,17 @@ def predict(models, batch: Batch, forces: bool = False, validate: bool = True) -
 def batch_neighbors(model: AIMNet, batch: Batch) -> Neighbors:
     """The model's neighbor list of ``batch``, on the model's device, as its forward would build
     it (shared by the members of an ensemble and by the overlap check)."""
-    numbers, coord, mol_idx = _model_inputs(model, batch)
+    _, coord, mol_idx = _model_inputs(model, batch)
     return ops.build_neighbors(coord, mol_idx, model.backend)
+
+
+def checked_neighbors(models: Sequence[AIMNet], batch: Batch, elements: Sequence[int]) -> Neighbors:
+    """``Batch.validate`` on ``elements``, with the overlap check taken from the neighbor list
+    that the models then use (``batch_neighbors``): one search for checks and models."""
+    batch.validate(elements, overlap=False)
+    nb = batch_neighbors(models[0], batch)
+    batch.check_overlap(nb.radial)
+    return nb
 
 
 def plan_batches(models: Sequence[AIMNet], frames: Sequence[Frame],
@@ -224,9 +217,7 @@ def plan_batches(models: Sequence[AIMNet], frames: Sequence[Frame],
 
     def fit(group: list[Frame]):
         batch = frames_to_batch(group, dtype=dtype, validate=False)
-        batch.validate(elements, overlap=False)
-        nb = batch_neighbors(models[0], batch)
-        batch.check_overlap(nb.radial)
+        nb = checked_neighbors(models, batch, elements)
         if len(group) > 1 and batch_bytes(batch.n_atoms, nb) > memory_budget:
             half = len(group) // 2
             yield from fit(group[:half])
@@ -328,11 +319,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m aimnet_fast.p
         header = {"format": "aimnet_fast.predict", "units": UNITS,
                   "models": [str(p) for p in paths], "input": str(args.input),
                   "n_models": len(models), "heads": list(models[0].heads.keys())}
-        try:
-            writer = open_writer(args.out, header)
-        except OSError as e:
-            print(f"{prog}: error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
-            return 1
+        writer = open_writer(args.out, header)
         for group, batch, arrays in predict_stream(models, frames, args.forces, budget,
                                                    args.batch_atoms):
             writer.write(group, batch.numbers.numpy(), batch.offsets.numpy(), arrays)

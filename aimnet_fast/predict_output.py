@@ -25,12 +25,31 @@ from typing import Sequence
 
 import numpy as np
 
-from .units import HARTREE_TO_EV
+from .units import HARTREE_TO_EV, element_symbol
 
 SUFFIXES = (".json", ".extxyz", ".xyz", ".npz")
 
 
+#: Output names with one value per molecule; every other name has one row per atom.
+PER_MOLECULE = ("energy_Ha", "energy_std_Ha")
+
+
+def records(numbers: np.ndarray, offsets: Sequence[int], arrays: dict[str, np.ndarray]) -> list[dict]:
+    """Per-molecule dicts (``numbers`` and the output names, as lists) from flat arrays."""
+    per_mol = {k: v.tolist() for k, v in arrays.items() if k in PER_MOLECULE}
+    results = []
+    for m in range(len(offsets) - 1):
+        a, b = int(offsets[m]), int(offsets[m + 1])
+        r: dict = {"numbers": numbers[a:b].tolist()}
+        for k, v in arrays.items():
+            r[k] = per_mol[k][m] if k in PER_MOLECULE else v[a:b].tolist()
+        results.append(r)
+    return results
+
+
 class _Writer:
+    binary = False  # the file is opened in binary mode
+
     def __init__(self, path: Path | None, header: dict):
         self.path = path
         self.header = header
@@ -40,7 +59,7 @@ class _Writer:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = path.with_name(path.name + ".partial")
-            self.fh = open(self.tmp, "wb" if isinstance(self, NpzWriter) else "w")
+            self.fh = open(self.tmp, "wb" if self.binary else "w")
 
     def write(self, frames: Sequence, numbers: np.ndarray, offsets: np.ndarray,
               arrays: dict[str, np.ndarray]) -> None:
@@ -65,9 +84,6 @@ class _Writer:
             self.tmp.unlink(missing_ok=True)
 
 
-PER_MOLECULE = ("energy_Ha", "energy_std_Ha")
-
-
 class JsonWriter(_Writer):
     def __init__(self, path, header):
         super().__init__(path, header)
@@ -75,19 +91,9 @@ class JsonWriter(_Writer):
         self.fh.write(head[:-2] + ',\n "molecules": [')
 
     def write(self, frames, numbers, offsets, arrays):
-        fh = self.fh
-        nums = numbers.tolist()
-        per_mol = {k: v.tolist() for k, v in arrays.items() if k in PER_MOLECULE}
-        per_atom = {k: v for k, v in arrays.items() if k not in PER_MOLECULE}
-        for m, f in enumerate(frames):
-            a, b = int(offsets[m]), int(offsets[m + 1])
-            r = {"index": f.index, "name": f.title, "source": f.source, "numbers": nums[a:b]}
-            for k in ("energy_Ha", "energy_std_Ha"):
-                if k in per_mol:
-                    r[k] = per_mol[k][m]
-            for k, v in per_atom.items():
-                r[k] = v[a:b].tolist()
-            fh.write(("\n" if self.count == 0 else ",\n") + json.dumps(r))
+        for f, r in zip(frames, records(numbers, offsets, arrays)):
+            r = {"index": f.index, "name": f.title, "source": f.source, **r}
+            self.fh.write(("\n" if self.count == 0 else ",\n") + json.dumps(r))
             self.count += 1
 
     def _finish(self):
@@ -96,7 +102,6 @@ class JsonWriter(_Writer):
 
 class ExtxyzWriter(_Writer):
     def write(self, frames, numbers, offsets, arrays):
-        from .constants import PERIODIC_TABLE
         props = ["species:S:1", "pos:R:3"]
         cols = []
         if "forces_Ha_per_A" in arrays:
@@ -113,7 +118,7 @@ class ExtxyzWriter(_Writer):
             cols.append(arrays["volumes_bohr3"][:, None])
         ncol = sum(c.shape[1] for c in cols)
         row_fmt = "%-2s %.8f %.8f %.8f" + " %.10e" * ncol + "\n"
-        symbols = [PERIODIC_TABLE[z] for z in numbers.tolist()]
+        symbols = [element_symbol(z) for z in numbers.tolist()]
         values = np.concatenate(cols, axis=1) if cols else np.zeros((len(symbols), 0))
         for m, f in enumerate(frames):
             a, b = int(offsets[m]), int(offsets[m + 1])
@@ -134,6 +139,8 @@ class ExtxyzWriter(_Writer):
 
 
 class NpzWriter(_Writer):
+    binary = True
+
     def __init__(self, path, header):
         super().__init__(path, header)
         self.parts: dict[str, list] = {"numbers": [], "sizes": [], "name": [], "source": [],

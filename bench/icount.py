@@ -21,8 +21,9 @@ not another's. Callgrind writes one dump per benchmark, named after it; ``run`` 
 Everything outside the regions runs uninstrumented; the cost is about a minute for importing
 torch plus roughly 50× the native time of one call of each workload, split over two children.
 
-The counts depend on the torch build and on the CPU features valgrind presents (it hides AVX-512),
-so they are kept per machine class in the same baseline file as the time ratios.
+The counts depend on the torch build and on the CPU features valgrind presents (it hides AVX-512):
+the committed ones (bench/baselines/base.json) hold for the builds named beside them, and where
+this machine's differ, the base commit is counted in the same run (``run(root=worktree)``).
 """
 from __future__ import annotations
 
@@ -148,12 +149,17 @@ def read_dumps(out_dir: Path) -> dict[str, int]:
     return counts
 
 
-def run(select: list[str] | None = None, timeout_s: float = 1800) -> dict[str, int]:
+def run(select: list[str] | None = None, timeout_s: float = 1800,
+        root: Path | None = None) -> dict[str, int]:
     """Run the guarded CPU benchmarks once under callgrind; return name → instructions per call.
 
-    ``select``: extra pytest arguments for the children (``["-k", "neighbor_search"]``)."""
-    env = dict(os.environ, **{ENV_CHILD: "1", "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": "",
-                              "OMP_NUM_THREADS": "1", "BENCH_THREADS": "1", **SSE_ONLY})
+    ``select``: extra pytest arguments for the children (``["-k", "neighbor_search"]``).
+    ``root``: the source tree to count (default this one), its modules imported from its own files
+    by bench/guard_child.py."""
+    from guard_ab import CHILD, child_env
+    root = (root or HERE.parent).resolve()
+    env = child_env({ENV_CHILD: "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                     "BENCH_THREADS": "1", **SSE_ONLY})
     counts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="aimnet_fast_icount_") as tmp:
         children = []
@@ -161,11 +167,11 @@ def run(select: list[str] | None = None, timeout_s: float = 1800) -> dict[str, i
             out = Path(tmp) / f"group{k}"
             out.mkdir()
             cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--dump-line=no",
-                   f"--callgrind-out-file={out}/cg.%p", sys.executable, "-m", "pytest",
-                   *(str(HERE / node) for node in group),
+                   f"--callgrind-out-file={out}/cg.%p", sys.executable, str(CHILD), str(root),
+                   *(f"bench/{node}" for node in group),
                    "-q", "-p", "no:cacheprovider", "--benchmark-disable", *(select or [])]
             log = open(out / "log.txt", "w+")
-            children.append((cmd, out, log, subprocess.Popen(cmd, cwd=HERE.parent, env=env,
+            children.append((cmd, out, log, subprocess.Popen(cmd, cwd=root, env=env,
                                                              stdout=log, stderr=subprocess.STDOUT)))
         for cmd, out, log, proc in children:
             try:

@@ -75,7 +75,9 @@ def worker(rank, world, store, n_pass):
 
 
 @pytest.mark.parametrize("n_pass", [1, 3])
-@pytest.mark.parametrize("world", [1, 2, 4])
+# Several gloo ranks on two shared cores measure the sharing as much as the code: recorded, not judged.
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.unguarded),
+                                   pytest.param(4, marks=pytest.mark.unguarded)])
 def test_bench_train_step(benchmark, guard, world, n_pass):
     procs, store = [], None
     if world > 1:

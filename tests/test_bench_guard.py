@@ -1,6 +1,8 @@
-"""The throughput guard's own logic (bench/guard.py, bench/icount.py), without timing anything:
-callgrind dumps are parsed, limits applied, baselines merged, and the instruction counter counts
-what an analytic model says it should."""
+"""The throughput guard's own logic (bench/guard.py, bench/guard_ab.py, bench/guard_child.py,
+bench/icount.py), without timing anything: callgrind dumps are parsed, limits applied, the
+side-by-side verdicts judged from given per-process figures, the base worktree made and remade,
+every child's modules checked to come from its own tree, and the instruction counter counts what an
+analytic model says it should."""
 import json
 import shutil
 import subprocess
@@ -10,19 +12,16 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
 import guard as G  # noqa: E402
+import guard_ab as AB  # noqa: E402
 import icount  # noqa: E402
 
 _NO_ICOUNT = icount.unavailable_reason()  # once: it may compile the shim
-
-
-@pytest.fixture
-def baseline_dir(tmp_path, monkeypatch):
-    monkeypatch.setattr(G, "BASELINE_DIR", tmp_path)
-    return tmp_path
+_NO_GIT = shutil.which("git") is None
 
 
 def _dump(path: Path, name: str, total: int):
@@ -43,65 +42,206 @@ def test_read_dumps(tmp_path):
         icount.read_dumps(tmp_path)
 
 
-def test_icount_limits_name_the_benchmark(baseline_dir):
-    g = G.Guard(update=False, threshold=0.07, off=False)
-    g.baseline = {"instructions": {"a": {"count": 1_000_000, "spread": 0.0, "runs": 2},
-                                   "b": {"count": 1_000_000, "spread": 0.02, "runs": 2}}}
+def test_icount_limits_name_the_benchmark():
+    g = G.Guard(threshold=0.07)
+    reference = {"a": {"count": 1_000_000, "spread": 0.0}, "b": {"count": 1_000_000, "spread": 0.02}}
     # a: limit 3 %; b: its 2 % spread widens the limit to 3 × 2 % = 6 %.
-    assert g.judge_icounts({"a": 1_029_000, "b": 1_059_000}) == []
-    fails = g.judge_icounts({"a": 1_031_000, "b": 1_061_000, "new": 5})
+    assert g.judge_icounts({"a": 1_029_000, "b": 1_059_000}, reference, "base X") == []
+    fails = g.judge_icounts({"a": 1_031_000, "b": 1_061_000, "new": 5}, reference, "base X")
     assert len(fails) == 2
-    assert fails[0].startswith("instruction-count regression in a: 1.031×")
+    assert fails[0].startswith("instruction-count regression in a: 1.031× the count of base X")
     assert "threshold 1.030×" in fails[0]
     assert fails[1].startswith("instruction-count regression in b: 1.061×")
     assert "threshold 1.060×" in fails[1]
-    assert "factor" not in g.icounts["new"]  # no baseline: recorded, never judged
+    assert "factor" not in g.icounts["new"]  # no reference count: recorded, never judged
+    # A base counted in the same run has no spread: the plain threshold.
+    assert g.judge_icounts({"a": 1_031_000}, {"a": {"count": 1_000_000}}, "base Y")[0].endswith(
+        "threshold 1.030×)")
 
 
-def test_time_limit_and_fresh_process_confirmation(baseline_dir, monkeypatch):
-    g = G.Guard(update=False, threshold=0.07, off=False)
-    g.baseline = {"benchmarks": {"x": {"ratio": 10.0, "spread": 0.02, "runs": 5},
-                                 "y": {"ratio": 10.0, "spread": 0.12, "runs": 5}}}
-    assert g.limit(g.baseline["benchmarks"]["x"]) == pytest.approx(0.07)
-    assert g.limit(g.baseline["benchmarks"]["y"]) == pytest.approx(0.15)
-    g.results = {"x": {"ratio": 10.8}, "y": {"ratio": 11.4}}
-    g.judge("y", 11.4, "node")  # 1.14 ≤ 1.15: passes without re-measuring
-    seen = []
-    # Over the limit once, within it in the fresh process: noise, passes.
-    monkeypatch.setattr(g, "remeasure", lambda nodeid, name: seen.append(nodeid) or 10.3)
-    g.judge("x", 10.8, "bench/test_x.py::test_x")
-    assert seen == ["bench/test_x.py::test_x"] and g.results["x"]["confirm_factor"] == pytest.approx(1.03)
-    # Over the limit in both processes: fails, naming the benchmark and both factors.
-    monkeypatch.setattr(g, "remeasure", lambda nodeid, name: 10.9)
-    with pytest.raises(AssertionError, match=r"regression in x: 1\.080× the baseline time; 1\.090× again"):
-        g.judge("x", 10.8, "bench/test_x.py::test_x")
-    # Without confirmation the first measurement decides.
-    g.confirm = False
-    monkeypatch.setattr(g, "remeasure", lambda nodeid, name: pytest.fail("must not re-measure"))
-    with pytest.raises(AssertionError, match="regression in x: 1.080×"):
-        g.judge("x", 10.8, "bench/test_x.py::test_x")
-
-
-def test_write_baseline_keeps_the_other_section(baseline_dir):
-    g = G.Guard(update=True, threshold=0.07, off=True)
-    path = g.write_baseline([{"a": 1.0, "b": 4.0}, {"a": 3.0, "b": 5.0}, {"a": 2.0}], [])
-    data = json.loads(path.read_text())
-    assert data["benchmarks"]["a"] == {"ratio": 2.0, "spread": 2.0, "runs": 3, "all": [1.0, 3.0, 2.0]}
-    assert data["benchmarks"]["b"] == {"ratio": 4.5, "spread": 0.25, "runs": 2, "all": [4.0, 5.0]}
-    assert data["instructions"] == {}
-    assert data["torch"] and data["numpy"] and data["date"]
-    # Counts only: the ratios written above stay.
-    path = g.write_baseline([], [{"a": 100}, {"a": 101}])
-    data = json.loads(path.read_text())
-    assert data["benchmarks"]["a"]["ratio"] == 2.0
-    assert data["instructions"]["a"] == {"count": 100, "spread": pytest.approx(0.01), "runs": 2,
-                                         "all": [100, 101]}
+def test_committed_counts_hold_only_for_their_builds():
+    g = G.Guard()
+    g.baseline = {"instructions": {"builds": G.builds(), "counts": {"a": {"count": 1}}}}
+    assert g.committed_counts() == ({"a": {"count": 1}}, "")
+    g.baseline["instructions"]["builds"] = dict(G.builds(), torch="0.0.1")
+    counts, drift = g.committed_counts()
+    assert counts == {"a": {"count": 1}} and drift.startswith("torch 0.0.1 → ")
 
 
 def test_spread_drops_one_odd_run_from_five_on():
     assert G.Guard.spread([1.0, 1.2, 1.1]) == pytest.approx(0.2)
     # Five runs: the fastest (1.0) and the slowest (1.5) are dropped, 1.1 / 1.02 − 1 remains.
     assert G.Guard.spread([1.02, 1.5, 1.0, 1.1, 1.05]) == pytest.approx(1.1 / 1.02 - 1)
+
+
+def test_update_baseline_summarises_counts():
+    import update_baseline as U
+    s = U.summarise([{"a": 100, "b": 7}, {"a": 104}, {"a": 101}])
+    assert s["a"] == {"count": 101, "spread": pytest.approx(0.04), "runs": 3, "all": [100, 104, 101]}
+    assert s["b"] == {"count": 7, "spread": 0.0, "runs": 1, "all": [7]}
+    assert U.summarise([{"a": 10}, {"a": 20}])["a"]["count"] == 15  # even: mean of the middle two
+
+
+# -- the side-by-side time comparison (bench/guard_ab.py), fed figures instead of processes -------
+class _FakeBase:
+    sha = "b" * 40
+    short = "b" * 10
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def ensure(self) -> Path:
+        return self.root
+
+
+def _ab(tmp_path, monkeypatch, times: dict, nodeids=("bench/t.py::test_x",), outcomes=None, **kw):
+    """An ABRun whose children report ``times[side]`` = [per-process {name: min_s}] in call order,
+    ``outcomes[side]`` their test outcomes (default: passed)."""
+    base_root = tmp_path / "base"
+    base_root.mkdir(exist_ok=True)
+    calls = []
+    left = {s: list(v) for s, v in times.items()}
+
+    def run_child(root, nodeids, args=()):
+        side = "base" if root == base_root else "ours"
+        calls.append((side, tuple(nodeids)))
+        figures = left[side].pop(0)
+        node = nodeids[0]
+        out = (outcomes or {}).get(side, {"outcome": "passed", "message": ""})
+        return {"times": {n: {"min_s": t, "nodeid": node} for n, t in figures.items()},
+                "outcomes": {node: out}}
+
+    monkeypatch.setattr(AB, "run_child", run_child)
+    run = AB.ABRun(_FakeBase(base_root), list(nodeids), repo=REPO, **kw)
+    return run, calls
+
+
+def test_side_by_side_passes_within_the_threshold(tmp_path, monkeypatch):
+    run, calls = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.00}, {"x": 1.02}],
+                                             "ours": [{"x": 1.05}, {"x": 1.06}]}, processes=2)
+    v = run.verdict("bench/t.py::test_x")
+    assert v.status == "pass", v.message
+    # Interleaved base, ours, ours, base; the factor is min over ours / min over base.
+    assert [c[0] for c in calls] == ["base", "ours", "ours", "base"]
+    assert "x: 1.050× the base's time" in v.message and "base bbbbbbbbbb" in v.message
+    assert run.record()["benchmarks"]["x"]["factor"] == pytest.approx(1.05)
+
+
+def test_side_by_side_confirms_in_fresh_processes(tmp_path, monkeypatch):
+    # Over the threshold once, within it in fresh processes: noise, passes.
+    run, calls = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.0}, {"x": 1.0}, {"x": 1.0}],
+                                             "ours": [{"x": 1.10}, {"x": 1.02}]}, processes=1)
+    v = run.verdict("bench/t.py::test_x")
+    assert v.status == "pass" and "1.020× in fresh processes: noise" in v.message
+    assert [c[0] for c in calls] == ["base", "ours", "ours", "base"]
+    # Over it in both: fails, naming the benchmark, both factors and both commits.
+    run, _ = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.0}, {"x": 1.0}],
+                                         "ours": [{"x": 1.12}, {"x": 1.09}]}, processes=1)
+    v = run.verdict("bench/t.py::test_x")
+    assert v.status == "fail"
+    assert v.message.startswith("throughput regression in x: 1.120× the base's time (working tree ")
+    assert "1.090× again in fresh processes" in v.message and "base bbbbbbbbbb" in v.message
+    assert "threshold 1.070×" in v.message
+    # Without confirmation the first comparison decides, and nothing runs again.
+    run, calls = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.0}], "ours": [{"x": 1.08}]},
+                     processes=1, confirm=False)
+    assert run.verdict("bench/t.py::test_x").status == "fail" and len(calls) == 2
+
+
+def test_side_by_side_never_passes_what_it_did_not_compare(tmp_path, monkeypatch):
+    # A benchmark the base does not have is reported, not judged (a skip, not a pass).
+    run, _ = _ab(tmp_path, monkeypatch, {"base": [{}], "ours": [{"x": 1.0}]}, processes=1,
+                 outcomes={"base": {"outcome": "absent", "message": ""}})
+    v = run.verdict("bench/t.py::test_x")
+    assert v.status == "skip" and "not measured at base bbbbbbbbbb" in v.message
+    # A benchmark that fails in the working tree fails here too, with its own message.
+    run, _ = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.0}], "ours": [{}]}, processes=1,
+                 outcomes={"ours": {"outcome": "failed", "message": "AssertionError: boom"}})
+    v = run.verdict("bench/t.py::test_x")
+    assert v.status == "fail" and "boom" in v.message
+    # A comparison that could not be made fails every guarded benchmark with the reason.
+    monkeypatch.setattr(AB, "run_child", lambda *a, **k: (_ for _ in ()).throw(
+        AB.GuardSetupError("git worktree add failed")))
+    run = AB.ABRun(_FakeBase(tmp_path), ["bench/t.py::test_x", "bench/t.py::test_y"], repo=REPO)
+    assert all(run.verdict(n).status == "fail" and "git worktree add failed" in run.verdict(n).message
+               for n in ["bench/t.py::test_x", "bench/t.py::test_y"])
+
+
+def test_provenance_of_a_childs_modules(tmp_path):
+    root = tmp_path / "tree"
+    (root / "aimnet_fast").mkdir(parents=True)
+    AB.check_provenance(root, {"aimnet_fast": str(root / "aimnet_fast/__init__.py"),
+                               "numpy": "/usr/lib/numpy/__init__.py"})
+    with pytest.raises(AB.GuardSetupError, match=r"aimnet_fast\.kernels from /elsewhere"):
+        AB.check_provenance(root, {"aimnet_fast": str(root / "aimnet_fast/__init__.py"),
+                                   "aimnet_fast.kernels": "/elsewhere/kernels/__init__.py"})
+    with pytest.raises(AB.GuardSetupError, match="no aimnet_fast module"):
+        AB.check_provenance(root, {})
+
+
+def _tiny_tree(root: Path, tag: str):
+    """A project tree with the real one's package layout: aimnet_fast, and aimnet_fast.kernels in
+    kernels/ (pyproject's package-dir), each saying which tree it is."""
+    (root / "aimnet_fast").mkdir(parents=True)
+    (root / "kernels").mkdir()
+    (root / "bench").mkdir()
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    (root / "aimnet_fast" / "__init__.py").write_text(f"TREE = {tag!r}\n")
+    (root / "kernels" / "__init__.py").write_text(f"TREE = {tag!r}\n")
+    (root / "bench" / "guard.py").write_text(f"TREE = {tag!r}\n")
+    (root / "bench" / "test_where.py").write_text(textwrap.dedent(f"""
+        import json, os, sys
+        import aimnet_fast, aimnet_fast.kernels, guard
+        def test_where():
+            json.dump({{"trees": [aimnet_fast.TREE, aimnet_fast.kernels.TREE, guard.TREE],
+                       "files": [aimnet_fast.__file__, aimnet_fast.kernels.__file__, guard.__file__],
+                       "cwd": os.getcwd()}}, open({str(root / 'where.json')!r}, "w"))
+    """))
+
+
+def test_child_imports_every_project_module_from_its_own_tree(tmp_path):
+    """Run through bench/guard_child.py, a tree's aimnet_fast, its kernels (another folder, mapped by
+    pyproject's package-dir, which an editable install of the working tree would otherwise answer)
+    and its bench/ modules are all that tree's own."""
+    other = tmp_path / "other"
+    _tiny_tree(other, "other")
+    r = subprocess.run([sys.executable, str(AB.CHILD), str(other), "bench/test_where.py", "-q",
+                        "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    where = json.loads((other / "where.json").read_text())
+    assert where["trees"] == ["other"] * 3, where
+    assert all(Path(f).resolve().is_relative_to(other.resolve()) for f in where["files"]), where
+    assert Path(where["cwd"]).resolve() == other.resolve()
+
+
+def _git(cwd, *args):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.skipif(_NO_GIT, reason="git not found")
+def test_base_worktree_is_made_once_and_remade_when_touched(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "f.txt").write_text("one\n")
+    _git(repo, "add", "f.txt")
+    _git(repo, "commit", "-q", "-m", "one")
+    first = _git(repo, "rev-parse", "HEAD")
+    (repo / "f.txt").write_text("two\n")
+    _git(repo, "commit", "-q", "-am", "two")
+
+    base = AB.BaseTree("HEAD~1", repo=repo)
+    assert base.sha == first
+    path = base.ensure()
+    assert (path / "f.txt").read_text() == "one\n" and path.is_relative_to((repo / ".git").resolve())
+    assert AB.describe_tree(repo) == _git(repo, "rev-parse", "--short=10", "HEAD")
+    (path / "f.txt").write_text("changed by a benchmark\n")
+    assert base.ensure() == path and (path / "f.txt").read_text() == "one\n"
+    (repo / "f.txt").write_text("three\n")
+    assert AB.describe_tree(repo).endswith("+changes")
+    with pytest.raises(AB.GuardSetupError, match="'nosuchrev' is not in this repository"):
+        AB.BaseTree("nosuchrev", repo=repo)
 
 
 @pytest.mark.skipif(_NO_ICOUNT is not None, reason=str(_NO_ICOUNT))

@@ -66,7 +66,7 @@ def test_predict_forces(benchmark, guard, models, s66_batch, backend):
         e = model(b.numbers, c, b.mol_idx, b.n_mol, all_passes=False)["energy"]
         return torch.autograd.grad(e.sum(), c)[0]
 
-    guard.measure(benchmark, f"cpu_backend.predict_forces[{backend}]", run, rounds=7)
+    guard.measure(benchmark, f"cpu_backend.predict_forces[{backend}]", run, rounds=3)
     _keep(benchmark, f"predict.{backend}", f"predict energy+forces, {b.n_atoms} atoms, {backend}")
 
 
@@ -80,7 +80,7 @@ def test_predict_forward_only(benchmark, guard, models, s66_batch):
         c = b.coord.clone().requires_grad_(True)
         return model(b.numbers, c, b.mol_idx, b.n_mol, all_passes=False)["energy"]
 
-    guard.measure(benchmark, "cpu_backend.predict_forward[cpu]", run, rounds=7)
+    guard.measure(benchmark, "cpu_backend.predict_forward[cpu]", run, rounds=3)
     _keep(benchmark, "forward.cpu", f"predict forward only, {b.n_atoms} atoms, cpu")
 
 
@@ -96,7 +96,7 @@ def test_train_step_t3(benchmark, guard, models, s66_batch, backend):
     """Forward T = 3, energy and charge loss on every pass, backward to the parameters."""
     model = models[backend]
     guard.measure(benchmark, f"cpu_backend.train_step_t3[{backend}]",
-                  lambda: _train_step(model, s66_batch), rounds=7)
+                  lambda: _train_step(model, s66_batch), rounds=3)
     _keep(benchmark, f"train.{backend}", f"T=3 step, {s66_batch.n_atoms} atoms, {backend}")
 
 
@@ -146,7 +146,7 @@ def test_predict_cost_per_atom(benchmark, guard, models, n_water):
     inner = max(1, 600 // b.n_atoms)
     big = n_water > 1000  # 20,001 atoms: ~25 s a call on one thread
     guard.measure(benchmark, f"cpu_backend.predict_cost_per_atom[{b.n_atoms}]", run,
-                  rounds=1 if big else 7, warmup_rounds=0 if big else 1, inner=inner)
+                  rounds=1 if big else 3, warmup_rounds=0 if big else 1, inner=inner)
     if benchmark.disabled:
         return
     t = benchmark.stats.stats.median / inner

@@ -71,7 +71,7 @@ def test_bench_collate(benchmark, guard, packed, mols):
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     if cpus:
         os.sched_setaffinity(0, {min(cpus)})
-    per_round = 40  # ≈ 20 ms a round: long enough for the guard's timer, short enough for 25 rounds
+    per_round = 40  # ≈ 20 ms a round: long enough for the guard's timer, short enough for 15 rounds
     try:
         out = {}
 
@@ -79,7 +79,7 @@ def test_bench_collate(benchmark, guard, packed, mols):
             for _ in range(per_round):
                 out["b"] = one()
 
-        guard.measure(benchmark, "data.collate_380", run, rounds=25)
+        guard.measure(benchmark, "data.collate_380", run, rounds=15)
     finally:
         if cpus:
             os.sched_setaffinity(0, cpus)

@@ -1,6 +1,6 @@
 """The reference path's operations one by one, on 128 S66x8 conformers (≈ 2,600 atoms): neighbor
 search, AEV contractions (forward, backward to features and coordinates) and the ELU MLP stack
-(embedding_mlp forward + backward). Guarded against the calibration workload (bench/guard.py).
+(embedding_mlp forward + backward). Guarded side by side with the base commit (bench/guard_ab.py).
 
     pytest bench/test_bench_ops.py
 """
@@ -32,7 +32,7 @@ def features(batch, nb):
 
 def test_neighbor_search(benchmark, guard, batch):
     guard.measure(benchmark, "reference.neighbors", lambda: build_neighbors(batch.coord, batch.mol_idx),
-                  rounds=25, inner=4)
+                  rounds=10, inner=4)
 
 
 def test_aev_forward(benchmark, guard, batch, nb, features):
@@ -43,7 +43,7 @@ def test_aev_forward(benchmark, guard, batch, nb, features):
             aev.radial_contract(batch.coord, nb.radial, afv)
             aev.angular_contract(batch.coord, nb.triplets, pf, nb.triplet_pair)
 
-    guard.measure(benchmark, "reference.aev_forward", run, rounds=25)
+    guard.measure(benchmark, "reference.aev_forward", run, rounds=10)
 
 
 def test_aev_backward(benchmark, guard, batch, nb, features):
@@ -60,7 +60,7 @@ def test_aev_backward(benchmark, guard, batch, nb, features):
         x_a = aev.angular_contract(c, nb.triplets, pf, nb.triplet_pair)
         ((x_r * w_r).sum() + (x_a * w_a).sum()).backward()
 
-    guard.measure(benchmark, "reference.aev_backward", run, rounds=25)
+    guard.measure(benchmark, "reference.aev_backward", run, rounds=10)
 
 
 def test_elu_mlp_stack(benchmark, guard, released_model, batch):
@@ -73,4 +73,4 @@ def test_elu_mlp_stack(benchmark, guard, released_model, batch):
         mlp.zero_grad(set_to_none=True)
         mlp(x).sum().backward()
 
-    guard.measure(benchmark, "reference.elu_mlp_stack", run, rounds=15)
+    guard.measure(benchmark, "reference.elu_mlp_stack", run, rounds=8)

@@ -105,7 +105,7 @@ def test_bench_train_step(benchmark, guard, world, n_pass):
         if world == 1:
             # Guarded: one process, fixed batch. Several gloo ranks on two shared cores measure
             # the sharing as much as the code, so those figures are recorded, not guarded.
-            guard.measure(benchmark, f"train.step_T{n_pass}", step, rounds=21 if n_pass == 1 else 15)
+            guard.measure(benchmark, f"train.step_T{n_pass}", step, rounds=9 if n_pass == 1 else 7)
         else:
             benchmark.pedantic(step, rounds=5 if n_pass == 1 else 3, iterations=1, warmup_rounds=1)
     finally:

@@ -122,9 +122,10 @@ class SideBySide(pytest.Item):
     """A guarded benchmark in the parent session: its verdict comes from bench/guard_ab.py, which
     runs it in separate processes of both trees (the first of these items starts them all)."""
 
-    def __init__(self, *, nodeid_in_tree: str, **kw):
+    def __init__(self, *, nodeid_in_tree: str, where: tuple, **kw):
         super().__init__(**kw)
         self.nodeid_in_tree = nodeid_in_tree
+        self.where = where  # the benchmark's own (path, line, name): skips are reported there
 
     def runtest(self):
         global _AB_USED
@@ -142,7 +143,7 @@ class SideBySide(pytest.Item):
         return super().repr_failure(excinfo)
 
     def reportinfo(self):
-        return self.path, None, self.name
+        return self.where
 
 
 class SideBySideFailure(AssertionError):
@@ -178,7 +179,8 @@ def pytest_collection_modifyitems(config, items):
         if not is_guarded(item):
             continue
         rel = item.path.resolve().relative_to(REPO).as_posix() + "::" + item.name
-        items[k] = SideBySide.from_parent(item.parent, name=item.name, nodeid_in_tree=rel)
+        items[k] = SideBySide.from_parent(item.parent, name=item.name, nodeid_in_tree=rel,
+                                          where=item.reportinfo())
         items[k].own_markers.extend(item.own_markers)  # skipif of the benchmark holds here too
         swapped.append(rel)
     if not swapped:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Shows that both halves of the guard catch a real slowdown and pass again once it is gone:
 # bench/slowdown.patch sorts (and so copies) the neighbor candidates once more before the distance
-# filter, ≈ 10 % more time in the reference neighbor search. Run from the repository root on a
-# clean tree of the machine class the baseline was recorded on (about 3 minutes).
+# filter, ≈ 10 % more time in the reference neighbor search. Run from the repository root, on any
+# machine: time is compared side by side with the base commit (bench/guard_ab.py), instructions with
+# the committed counts or, where the library builds differ, with the base counted in the same run.
 set -u
 show() { grep -E "regression in|reference.neighbors|passed|failed|skipped" | cut -c1-400; }
 run() {

@@ -9,6 +9,7 @@ Keep the tensor on the left of a constexpr in products: Triton's interpreter fai
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import triton
@@ -62,3 +63,74 @@ def check_inputs(name: str, coord: torch.Tensor, feat: torch.Tensor) -> None:
         raise TypeError(f"{name}: the Triton kernels take float32 or float64, got {coord.dtype}")
     if coord.ndim != 2 or coord.shape[1] != 3:
         raise ValueError(f"{name}: coord must be (N, 3), got {tuple(coord.shape)}")
+
+
+# -- the backward's preconditions on the index lists ---------------------------------------------
+#: id → (weak reference, version) of index tensors already checked: a model's T passes and their
+#: backward reuse one list per batch, so each list is checked once, not at every call.
+_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _already_checked(t: torch.Tensor) -> bool:
+    entry = _CHECKED.get(id(t))
+    return entry is not None and entry[0]() is t and entry[1] == t._version
+
+
+def _mark_checked(*ts: torch.Tensor) -> None:
+    for t in ts:
+        key = id(t)
+        _CHECKED[key] = (weakref.ref(t, lambda _, key=key: _CHECKED.pop(key, None)), t._version)
+
+
+def _cannot_sync() -> bool:
+    """Inside CUDA-graph capture or torch.compile tracing a check would need a host sync (or see
+    no values): the lists there come from the capturable neighbor search, checked by its tests."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_pairs(name: str, pairs: torch.Tensor, n_atoms: int) -> None:
+    """The radial kernels' list: (2, P) pairs (i, j) sorted by centre i, 0 ≤ i, j < n_atoms, and
+    both directions of every pair. The forward walks each centre's rows; the backward gathers the
+    feature gradient of j over j's own rows, which is right only when (j, i) is listed for every
+    (i, j). A list that breaks this raises ValueError instead of giving a wrong gradient."""
+    if pairs.ndim != 2 or pairs.shape[0] != 2:
+        raise ValueError(f"{name}: pairs must be (2, P), got {tuple(pairs.shape)}")
+    if pairs.shape[1] == 0 or _cannot_sync() or _already_checked(pairs):
+        return
+    i, j = pairs[0].long(), pairs[1].long()
+    if bool((i[1:] < i[:-1]).any()):
+        raise ValueError(f"{name}: pairs must be sorted by centre atom (pairs[0] non-decreasing)")
+    if bool((pairs.min() < 0) | (pairs.max() >= n_atoms)):
+        raise ValueError(f"{name}: pair indices outside 0 … {n_atoms - 1}")
+    forward_keys = torch.sort(i * n_atoms + j).values
+    reverse_keys = torch.sort(j * n_atoms + i).values
+    if not torch.equal(forward_keys, reverse_keys):
+        raise ValueError(f"{name}: pairs must list both directions of every pair: some (i, j) has "
+                         f"no (j, i)")
+    _mark_checked(pairs)
+
+
+def check_triplets(name: str, triplets: torch.Tensor, triplet_pair: torch.Tensor, n_atoms: int,
+                   n_pairs: int) -> None:
+    """The angular kernels' list: (3, T) triplets (i, j, k) sorted by centre i, indices in
+    0 … n_atoms − 1, and ``triplet_pair`` (T,) in 0 … n_pairs − 1. The forward and the centre
+    backward walk each centre's rows by their CSR starts; an unsorted list would drop terms."""
+    if triplets.ndim != 2 or triplets.shape[0] != 3:
+        raise ValueError(f"{name}: triplets must be (3, T), got {tuple(triplets.shape)}")
+    if triplet_pair.shape != (triplets.shape[1],):
+        raise ValueError(f"{name}: triplet_pair must be ({triplets.shape[1]},), got "
+                         f"{tuple(triplet_pair.shape)}")
+    if triplets.shape[1] == 0 or _cannot_sync() or (_already_checked(triplets)
+                                                      and _already_checked(triplet_pair)):
+        return
+    i = triplets[0]
+    if bool((i[1:] < i[:-1]).any()):
+        raise ValueError(f"{name}: triplets must be sorted by centre atom (triplets[0] "
+                         f"non-decreasing)")
+    if bool((triplets.min() < 0) | (triplets.max() >= n_atoms)):
+        raise ValueError(f"{name}: triplet indices outside 0 … {n_atoms - 1}")
+    if bool((triplet_pair.min() < 0) | (triplet_pair.max() >= n_pairs)):
+        raise ValueError(f"{name}: triplet_pair outside 0 … {n_pairs - 1}")
+    _mark_checked(triplets, triplet_pair)

@@ -35,8 +35,8 @@ from aimnet_fast.constants import (ANGULAR_CUTOFF_A, ANGULAR_ETA_PER_A2, ANGULAR
                                    ANGULAR_SHIFTS_A, ANGULAR_ZETA, COS_CLAMP, N_ANGULAR)
 
 from . import _alloc
-from ._aev_common import (check_inputs, cosine_cutoff, cosine_cutoff_grad, cosine_cutoff_grad2,
-                          csr_starts, group_by)
+from ._aev_common import (check_inputs, check_triplets, cosine_cutoff, cosine_cutoff_grad,
+                          cosine_cutoff_grad2, csr_starts, group_by)
 from ._op_chain import contraction_ops
 
 # The kernels rebuild the tables as θ_z = z·π/4 and R_a = 0.5 + 0.65·a, and raise to the power ζ = 8
@@ -625,8 +625,10 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
 
     coord (N, 3) Å; triplets (3, T) int64 rows i, j, k, sorted by i; pair_feat (Q, F) in coord's
     dtype; triplet_pair (T,) int64 → (N, 32, F). Differentiable twice in coord and pair_feat
-    (force training).
+    (force training). A list not sorted by i, or an index out of range, raises ValueError (checked
+    once per list tensor, outside CUDA-graph capture).
     """
     check_inputs("angular_contract", coord, pair_feat)
+    check_triplets("angular_contract", triplets, triplet_pair, coord.shape[0], pair_feat.shape[0])
     return _angular_op(coord.contiguous(), triplets.contiguous(), pair_feat.contiguous(),
                        triplet_pair.contiguous())

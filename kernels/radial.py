@@ -24,8 +24,8 @@ import triton.language as tl
 from aimnet_fast.constants import N_RADIAL, RADIAL_CUTOFF_A, RADIAL_ETA_PER_A2, RADIAL_SHIFTS_A
 
 from . import _alloc
-from ._aev_common import (check_inputs, cosine_cutoff, cosine_cutoff_grad, cosine_cutoff_grad2,
-                          csr_starts)
+from ._aev_common import (check_inputs, check_pairs, cosine_cutoff, cosine_cutoff_grad,
+                          cosine_cutoff_grad2, csr_starts)
 from ._op_chain import contraction_ops
 
 # The kernels rebuild the shells as R0 + DR·s; make sure that is the model's table.
@@ -333,7 +333,9 @@ def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor)
 
     coord (N, 3) Å; pairs (2, P) int64 ordered (i, j), sorted by i, both directions present;
     afv (N, F) in coord's dtype → (N, 16, F). Differentiable twice in coord and afv (force
-    training).
+    training). A list that is not sorted by i or lacks a direction raises ValueError (checked once
+    per list tensor, outside CUDA-graph capture).
     """
     check_inputs("radial_contract", coord, afv)
+    check_pairs("radial_contract", pairs, coord.shape[0])
     return _radial_op(coord.contiguous(), pairs.contiguous(), afv.contiguous())

@@ -13,6 +13,9 @@ except ImportError:  # pragma: no cover
 if not _cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+#: Where the kernel tests run: compiled on the GPU when there is one, interpreted on the CPU otherwise.
+DEVICE = "cuda" if _cuda else "cpu"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AIMNET_FAST_SHARED", REPO.parent / "shared"))
 
@@ -43,6 +46,16 @@ def released_models(shared):
         m.backend = "torch"
         models.append(m.eval())
     return models
+
+
+@pytest.fixture
+def kernel_device():
+    """Tensors and modules the test builds are made on ``DEVICE`` (``with torch.device``): on a GPU
+    machine the kernels under test run compiled there, never interpreted. Random generators must be
+    ``torch.Generator(DEVICE)`` for that."""
+    import torch
+    with torch.device(DEVICE):
+        yield DEVICE
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ atom as j or k, features). Every output and scratch buffer is poisoned with NaN.
 """
 import json
 import math
+from dataclasses import fields
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from aimnet_fast import aev
 from aimnet_fast.constants import ANGULAR_SECTORS_RAD, COS_CLAMP
 from aimnet_fast.kernels import _aev_common as common
 from aimnet_fast.kernels import angular
-from aimnet_fast.neighbors import build_neighbors
+from aimnet_fast.neighbors import Neighbors, build_neighbors
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -167,6 +168,12 @@ def test_public_op_autograd_and_gradcheck():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
 
 
+def _on_device(*ts):
+    """Neighbors and tensors on DEVICE (a GPU when there is one)."""
+    return [Neighbors(*(getattr(t, f.name).to(DEVICE) for f in fields(Neighbors)))
+            if isinstance(t, Neighbors) else t.to(DEVICE) for t in ts]
+
+
 def _force_training_grads(fn, coord, nb, pair_feat, w):
     """Gradient wrt coord and pair_feat of a loss on forces −dE/dR, E = ½‖x_a‖²: the first
     backward's grad_out then depends on both, so every path of the double backward is used."""
@@ -186,6 +193,7 @@ def test_double_backward_matches_the_reference(monkeypatch, block_t, n_feat):
     pair_feat = torch.randn(nb.pairs.shape[1], n_feat, dtype=torch.float64, generator=g)
     if block_t:
         monkeypatch.setattr(angular, "BLOCK_T_BWD2_FP64", block_t)
+    coord, nb, pair_feat, w = _on_device(coord, nb, pair_feat, w)
     got = _force_training_grads(angular.angular_contract, coord, nb, pair_feat, w)
     want = _force_training_grads(aev.angular_contract, coord, nb, pair_feat, w)
     for x, y in zip(got, want):
@@ -201,6 +209,7 @@ def test_double_backward_at_the_cos_clamp():
     g = torch.Generator().manual_seed(5)
     w = torch.randn(coord.shape, dtype=torch.float64, generator=g)
     pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64, generator=g)
+    coord, nb, pair_feat, w = _on_device(coord, nb, pair_feat, w)
     got = _force_training_grads(angular.angular_contract, coord, nb, pair_feat, w)
     want = _force_training_grads(aev.angular_contract, coord, nb, pair_feat, w)
     for x, y in zip(got, want):
@@ -224,6 +233,7 @@ def test_gradgradcheck_and_third_derivative_raises():
 def test_fake_tensor_registration():
     coord, nb = _batch([4], seed=4, box_A=2.0)
     pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64)
+    coord, nb, pair_feat = _on_device(coord, nb, pair_feat)
     torch.library.opcheck(angular._angular_op,
                           (coord.requires_grad_(), nb.triplets, pair_feat, nb.triplet_pair),
                           test_utils=("test_schema", "test_faketensor"))
@@ -239,8 +249,9 @@ def test_index_helpers():
 
 
 def test_torch_compile_traces_forward_and_backward():
-    coord, nb = _batch([6], seed=6, box_A=2.5)
-    pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64, requires_grad=True)
+    coord, nb = _on_device(*_batch([6], seed=6, box_A=2.5))
+    pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64, device=DEVICE,
+                            requires_grad=True)
     results = []
     for fn in (torch.compile(angular.angular_contract, backend="aot_eager", fullgraph=True),
                aev.angular_contract):
@@ -275,6 +286,7 @@ def test_double_backward_float32_against_float64_reference():
     g = torch.Generator().manual_seed(6)
     w = torch.randn(coord.shape, dtype=torch.float64, generator=g)
     pair_feat = torch.randn(nb.pairs.shape[1], 16, dtype=torch.float64, generator=g)
+    coord, nb, pair_feat, w = _on_device(coord, nb, pair_feat, w)
     c32, p32, w32 = coord.float(), pair_feat.float(), w.float()
     got = _force_training_grads(angular.angular_contract, c32, nb, p32, w32)
     want = _force_training_grads(aev.angular_contract, c32.double(), nb, p32.double(), w32.double())
@@ -293,3 +305,26 @@ def test_int32_indices():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
     torch.testing.assert_close(torch.autograd.grad(out.square().sum(), c)[0],
                                torch.autograd.grad(ref.square().sum(), c)[0], rtol=0, atol=1e-11)
+
+
+def test_a_list_that_breaks_the_preconditions_raises():
+    """The kernels walk each centre's triplets from its CSR start: an unsorted list would drop
+    terms, so the public op refuses it, and indices out of range, before computing anything."""
+    coord, nb = _batch([6, 5], seed=31)
+    coord = coord.to(DEVICE)
+    trip, tp = nb.triplets.to(DEVICE), nb.triplet_pair.to(DEVICE)
+    pf = torch.randn(nb.pairs.shape[1], 4, dtype=torch.float64, device=DEVICE)
+    assert trip.shape[1] > 4 and (trip[0] != trip[0, 0]).any()
+    order = torch.arange(trip.shape[1] - 1, -1, -1, device=DEVICE)
+    with pytest.raises(ValueError, match="sorted by centre"):
+        angular.angular_contract(coord, trip[:, order], pf, tp[order])
+    with pytest.raises(ValueError, match="triplet_pair outside"):
+        angular.angular_contract(coord, trip, pf[:-1], tp)
+    with pytest.raises(ValueError, match="triplet_pair must be"):
+        angular.angular_contract(coord, trip, pf, tp[:-1])
+    bad = trip.clone()
+    bad[2, -1] = coord.shape[0]
+    with pytest.raises(ValueError, match="triplet indices outside"):
+        angular.angular_contract(coord, bad, pf, tp)
+    out = angular.angular_contract(coord, trip, pf, tp)
+    torch.testing.assert_close(out, aev.angular_contract(coord, trip, pf, tp), rtol=0, atol=1e-12)

@@ -5,6 +5,7 @@ so that every size here straddles the M, N and K tile boundaries; outputs are al
 an element a kernel forgets to write fails the comparison.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from torch import nn
 from aimnet_fast.kernels import mlp
 from aimnet_fast.model import build_elu_mlp as make_mlp
 
-pytestmark = pytest.mark.usefixtures("poisoned_buffers")
+pytestmark = pytest.mark.usefixtures("poisoned_buffers", "kernel_device")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +41,7 @@ CASES = [
 
 @pytest.mark.parametrize("rows,sizes,last_act", CASES)
 def test_forward_backward_match_sequential_float64(rows, sizes, last_act):
-    g = torch.Generator().manual_seed(rows * 101 + sizes[0])
+    g = torch.Generator(DEVICE).manual_seed(rows * 101 + sizes[0])
     net = make_mlp(sizes, last_activation=last_act).double()
     with torch.no_grad():  # weights large enough that both ELU branches occur
         for p in net.parameters():
@@ -59,7 +61,7 @@ def test_forward_backward_match_sequential_float64(rows, sizes, last_act):
 
 
 def test_no_bias_layer_and_parameter_grads_land_in_dot_grad():
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator(DEVICE).manual_seed(3)
     net = nn.Sequential(nn.Linear(19, 23, bias=False), nn.ELU(), nn.Linear(23, 2)).double()
     x = torch.randn(20, 19, generator=g, dtype=torch.float64)  # no grad wanted for x
     mlp.elu_mlp(x, net).square().sum().backward()
@@ -75,7 +77,7 @@ def test_weight_gradient_split_over_rows(split, monkeypatch):
     """The weight gradient's reduction over rows cut into slices (as on a GPU with few output
     tiles); 45 rows with BLOCK_K = 16 make slices of unequal length, the last one partial."""
     monkeypatch.setattr(mlp, "WEIGHT_GRAD_SPLIT_K", split)
-    g = torch.Generator().manual_seed(10 + split)
+    g = torch.Generator(DEVICE).manual_seed(10 + split)
     net = make_mlp([20, 19, 3], last_activation=True).double()
     x1 = torch.randn(45, 13, generator=g, dtype=torch.float64, requires_grad=True)
     x2 = torch.randn(45, 7, generator=g, dtype=torch.float64, requires_grad=True)
@@ -91,7 +93,7 @@ def test_weight_gradient_split_over_rows(split, monkeypatch):
 
 
 def test_gradcheck_tiny():
-    g = torch.Generator().manual_seed(4)
+    g = torch.Generator(DEVICE).manual_seed(4)
     w1 = torch.randn(17, 5, generator=g, dtype=torch.float64, requires_grad=True)
     b1 = torch.randn(17, generator=g, dtype=torch.float64, requires_grad=True)
     x = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
@@ -112,7 +114,7 @@ def test_zero_rows():
 
 
 def test_opcheck_fake_and_autograd_registration():
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator(DEVICE).manual_seed(5)
     x = torch.randn(18, 17, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(20, 17, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(20, generator=g, dtype=torch.float64, requires_grad=True)
@@ -137,12 +139,13 @@ def test_precision_cost_on_real_size_layers(precision, capsys, monkeypatch):
     """embedding_mlp's first two layers (768→512→256) in float32 against float64.
 
     Under the interpreter "tf32" runs as "ieee" (numpy products) and "bf16" rounds the inputs of
-    each product to bfloat16 in the kernel; GPU accuracy remains to be measured on a GPU.
-    The bf16 result must equal a torch emulation (inputs rounded to bf16, float32 products)."""
+    each product to bfloat16 in the kernel; compiled on a GPU, "tf32" rounds the inputs to a 10-bit
+    mantissa (relative error ≈ 2⁻¹¹ per product, ~3e-4 over the sums here: limit 2e-3). The bf16
+    result must equal a torch emulation (inputs rounded to bf16, float32 products)."""
     monkeypatch.setitem(mlp.BLOCKS, "BLOCK_M", 32)
     monkeypatch.setitem(mlp.BLOCKS, "BLOCK_N", 64)
     monkeypatch.setitem(mlp.BLOCKS, "BLOCK_K", 32)
-    g = torch.Generator().manual_seed(6)
+    g = torch.Generator(DEVICE).manual_seed(6)
     net = make_mlp([768, 512, 256], last_activation=True)
     x = torch.randn(40, 768, generator=g) * 0.5
     gy = torch.randn(40, 256, generator=g, dtype=torch.float64)
@@ -159,7 +162,8 @@ def test_precision_cost_on_real_size_layers(precision, capsys, monkeypatch):
     with capsys.disabled():
         print(f"\n[precision {precision}, 768→512→256, 40 rows] output: max abs err {err:.3e}, "
               f"rel Frobenius err {rel:.3e}; grad of W1 (512×768): rel Frobenius err {rel_gw:.3e}")
-    assert rel_gw < (3e-2 if precision == "bf16" else 1e-5)
+    rounded_tf32 = precision == "tf32" and os.environ.get("TRITON_INTERPRET") != "1"
+    assert rel_gw < (3e-2 if precision == "bf16" else 2e-3 if rounded_tf32 else 1e-5)
     if precision == "bf16":
         h = x
         for lin, act in mlp.mlp_layers(net):
@@ -170,7 +174,7 @@ def test_precision_cost_on_real_size_layers(precision, capsys, monkeypatch):
         torch.testing.assert_close(out, h, rtol=0, atol=1e-4)
         assert rel < 1e-2
     else:
-        assert rel < 1e-6
+        assert rel < (2e-3 if rounded_tf32 else 1e-6)
 
 
 def test_released_model_with_kernel_mlps_matches_reference(shared, monkeypatch):
@@ -182,7 +186,7 @@ def test_released_model_with_kernel_mlps_matches_reference(shared, monkeypatch):
     pre = shared / "aimnet_pretrained"
     ref = json.loads((shared / "reference" / "aimnet_original_outputs.json").read_text())
     mol = next(m for m in ref["molecules"] if len(m["numbers"]) == 6)
-    model = convert_released(pre / "aimnet_cv0.pt", pre / "aimnet_mt_cv0.pt").double()
+    model = convert_released(pre / "aimnet_cv0.pt", pre / "aimnet_mt_cv0.pt").double().to(DEVICE)
     model.backend = "torch"
     numbers = torch.tensor(mol["numbers"])
     coord = torch.tensor(mol["coord_A"], dtype=torch.float64)
@@ -198,7 +202,7 @@ def test_released_model_with_kernel_mlps_matches_reference(shared, monkeypatch):
 @pytest.mark.parametrize("k1,k2", [(37, 7), (16, 16), (5, 40)])
 def test_concatenation_without_materializing_matches_cat(k1, k2):
     """[x1 ‖ x2] read in place; the K tile at the seam holds columns of both (BLOCK_K = 16)."""
-    g = torch.Generator().manual_seed(k1 * 7 + k2)
+    g = torch.Generator(DEVICE).manual_seed(k1 * 7 + k2)
     net = make_mlp([k1 + k2, 21, 18], last_activation=True).double()
     x1 = torch.randn(35, k1, generator=g, dtype=torch.float64, requires_grad=True)
     x2 = torch.randn(35, k2, generator=g, dtype=torch.float64, requires_grad=True)
@@ -212,7 +216,7 @@ def test_concatenation_without_materializing_matches_cat(k1, k2):
 
 
 def test_concatenation_gradcheck_and_opcheck():
-    g = torch.Generator().manual_seed(8)
+    g = torch.Generator(DEVICE).manual_seed(8)
     x1 = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     x2 = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(17, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -234,7 +238,7 @@ def test_dispatch_through_ops():
 @pytest.mark.parametrize("last_act", [True, False])
 def test_double_backward_like_a_force_loss(last_act):
     """d/dθ of a loss on dE/dx (a force loss) through the kernels equals nn.Sequential's."""
-    g = torch.Generator().manual_seed(20)
+    g = torch.Generator(DEVICE).manual_seed(20)
     net = make_mlp([7, 18, 3], last_activation=last_act).double()
     x = torch.randn(19, 7, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(19, 7, generator=g, dtype=torch.float64)
@@ -247,7 +251,7 @@ def test_double_backward_like_a_force_loss(last_act):
 
 
 def test_gradgradcheck_tiny():
-    g = torch.Generator().manual_seed(21)
+    g = torch.Generator(DEVICE).manual_seed(21)
     x1 = torch.randn(2, 2, generator=g, dtype=torch.float64, requires_grad=True)
     x2 = torch.randn(2, 1, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)

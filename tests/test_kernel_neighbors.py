@@ -14,7 +14,8 @@ import torch
 from aimnet_fast.kernels import neighbors as nb
 from aimnet_fast.neighbors import neighbor_pairs as reference_pairs
 
-pytestmark = pytest.mark.usefixtures("poisoned_buffers")
+pytestmark = pytest.mark.usefixtures("poisoned_buffers", "kernel_device")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +26,7 @@ def small_tiles(monkeypatch):
 
 def mixed_batch(dtype, seed=0):
     """Molecules of 1, 2, 13, 5, 9 atoms in a 6 Å box, plus 3 atoms 10 Å apart (no neighbors)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(DEVICE).manual_seed(seed)
     sizes = [1, 2, 13, 5, 9]
     parts = [torch.rand(n, 3, generator=g, dtype=torch.float64) * 6 for n in sizes]
     parts.append(torch.tensor([[0.0, 0, 0], [10.0, 0, 0], [0, 10.0, 0]], dtype=torch.float64))
@@ -68,7 +69,7 @@ def test_single_atom_molecules_only():
 
 
 def test_no_pairs_across_molecules():
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator(DEVICE).manual_seed(2)
     x = torch.rand(6, 3, generator=g, dtype=torch.float64) * 2
     coord = torch.cat([x, x])            # two copies on top of each other
     mol_idx = torch.tensor([0] * 6 + [1] * 6)
@@ -151,7 +152,7 @@ def test_build_neighbors_matches_reference_mixed_batch(monkeypatch):
     atoms with up to 12 angular neighbors straddle it. Coordinates in a 4 Å box: many triplets."""
     from aimnet_fast.neighbors import build_neighbors
     monkeypatch.setattr(nb, "TRIPLET_BLOCK", 4)
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator(DEVICE).manual_seed(11)
     sizes = [1, 2, 13, 5, 3]
     coord = torch.rand(sum(sizes), 3, generator=g, dtype=torch.float64) * 4
     coord[-3:] = torch.tensor([[0.0, 0, 0], [10.0, 0, 0], [0, 10.0, 0]])  # no neighbors

@@ -185,14 +185,15 @@ def test_mixed_dtypes_are_refused():
 
 def test_fake_tensor_registration():
     coord, _, pairs = _batch([5], seed=4, box_A=3.0)
-    afv = torch.randn(5, 16, dtype=torch.float64)
-    torch.library.opcheck(radial._radial_op, (coord.requires_grad_(), pairs, afv),
+    afv = torch.randn(5, 16, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(radial._radial_op, (coord.to(DEVICE).requires_grad_(), pairs.to(DEVICE), afv),
                           test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_traces_forward_and_backward():
     coord, _, pairs = _batch([6], seed=6, box_A=3.0)
-    afv = torch.randn(6, 16, dtype=torch.float64, requires_grad=True)
+    coord, pairs = coord.to(DEVICE), pairs.to(DEVICE)
+    afv = torch.randn(6, 16, dtype=torch.float64, device=DEVICE, requires_grad=True)
     results = []
     for fn in (torch.compile(radial.radial_contract, backend="aot_eager", fullgraph=True),
                aev.radial_contract):
@@ -228,7 +229,8 @@ def test_double_backward_float32_against_float64_reference():
     g = torch.Generator().manual_seed(6)
     w = torch.randn(coord.shape, dtype=torch.float64, generator=g)
     afv = torch.randn(coord.shape[0], 16, dtype=torch.float64, generator=g)
-    c32, a32, w32 = coord.float(), afv.float(), w.float()
+    c32, a32, w32 = (x.to(DEVICE).float() for x in (coord, afv, w))
+    pairs = pairs.to(DEVICE)
     got = _force_training_grads(radial.radial_contract, c32, pairs, a32, w32)
     want = _force_training_grads(aev.radial_contract, c32.double(), pairs, a32.double(),
                                  w32.double())
@@ -246,3 +248,31 @@ def test_int32_pairs():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), c)[0],
                                torch.autograd.grad(ref.sum(), c)[0], rtol=0, atol=1e-12)
+
+
+def test_a_list_that_breaks_the_backward_preconditions_raises():
+    """The backward gathers afv's gradient over j's own rows: with one direction of a pair missing
+    that is wrong (shown on the launch functions, which do not check), so the public op refuses such
+    a list, and an unsorted one, before computing anything."""
+    coord, _, pairs = _batch([7], seed=21, box_A=3.0)
+    coord, pairs = coord.to(DEVICE), pairs.to(DEVICE)
+    afv = torch.randn(coord.shape[0], 5, dtype=torch.float64, device=DEVICE)
+    one_way = pairs[:, pairs[0] < pairs[1]].contiguous()
+    grad_out = torch.randn(coord.shape[0], 16, 5, dtype=torch.float64, device=DEVICE)
+    _, gafv = radial.radial_backward(grad_out, coord, one_way[1].contiguous(),
+                                     common.csr_starts(one_way[0], coord.shape[0]), afv)
+    _, _, want = _reference(coord, one_way, afv, grad_out)
+    assert (gafv - want).abs().max() > 1e-3  # what the check prevents
+    with pytest.raises(ValueError, match="both directions"):
+        radial.radial_contract(coord, one_way, afv)
+    shuffled = pairs[:, torch.randperm(pairs.shape[1], generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(ValueError, match="sorted by centre"):
+        radial.radial_contract(coord, shuffled.to(DEVICE), afv)
+    with pytest.raises(ValueError, match="outside 0"):
+        radial.radial_contract(coord[:3], pairs, afv[:3])
+    # A checked list that is then changed in place is checked again.
+    ok = pairs.clone()
+    radial.radial_contract(coord, ok, afv)
+    ok[1, 0] = ok[1, 1]
+    with pytest.raises(ValueError, match="both directions"):
+        radial.radial_contract(coord, ok, afv)

@@ -1,6 +1,7 @@
 """The whole model on the Triton backend (interpreted on the CPU), neighbor search included,
 reproduces the original outputs like the reference path does, and agrees with the reference path in
-float64. Every buffer the kernels allocate starts poisoned."""
+float64. Every buffer the kernels allocate starts poisoned. On a GPU machine everything runs
+there, compiled."""
 import copy
 import os
 
@@ -12,6 +13,7 @@ from aimnet_fast.batch import Batch
 from aimnet_fast.kernels import mlp
 
 pytestmark = pytest.mark.usefixtures("poisoned_buffers", "interpreted_mlp_tiles")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=False)
@@ -26,7 +28,7 @@ def interpreted_mlp_tiles(monkeypatch):
 
 @pytest.fixture(scope="module")
 def triton_cv0(released_models):
-    m = copy.deepcopy(released_models[0])
+    m = copy.deepcopy(released_models[0]).to(DEVICE)
     m.backend = "triton"
     return m
 
@@ -40,7 +42,7 @@ def test_triton_backend_reproduces_original_outputs(triton_cv0, reference_molecu
     mols = reference_molecules
     if os.environ.get("TRITON_INTERPRET") == "1":
         mols = [reference_molecules[k] for k in INTERPRETED_SUBSET]
-    got = predict(triton_cv0, mols)
+    got = predict(triton_cv0, mols, DEVICE)
     for g, m in zip(got, mols):
         check(g, m["models"][0])
 
@@ -48,10 +50,11 @@ def test_triton_backend_reproduces_original_outputs(triton_cv0, reference_molecu
 def test_triton_backend_equals_reference_in_float64(triton_cv0, released_models,
                                                     reference_molecules):
     mols = [reference_molecules[k] for k in (8, 17, 0)]   # 6, 14 and 13 atoms
-    b = Batch.from_molecules([(m["numbers"], m["coord_A"]) for m in mols], dtype=torch.float64)
+    b = Batch.from_molecules([(m["numbers"], m["coord_A"]) for m in mols],
+                             dtype=torch.float64).to(DEVICE)
     outs = {}
     for name, model in (("triton", triton_cv0), ("torch", released_models[0])):
-        m = copy.deepcopy(model).double()
+        m = copy.deepcopy(model).double().to(DEVICE)
         c = b.coord.clone().requires_grad_(True)
         out = m(b.numbers, c, b.mol_idx, b.n_mol)
         loss = (out["passes"]["energy"].sum() + out["passes"]["elmoments"].square().sum()

@@ -1,7 +1,7 @@
 """The seam ``aimnet_fast.ops``: backend names checked once when the model is built (or its backend
 set), "auto" decided per call by the tensors' device, the neighbor search behind the seam with every
 backend returning the reference's ``Neighbors``, and the model's SAE kept in float64 whatever its
-dtype. Triton runs in its interpreter here (conftest)."""
+dtype. Triton runs in its interpreter without a GPU (conftest), compiled on one."""
 import copy
 import json
 
@@ -14,6 +14,7 @@ from aimnet_fast.kernels import neighbors as kernel_neighbors
 from aimnet_fast.model import AIMNet
 from aimnet_fast.neighbors import angular_subset, build_neighbors, neighbor_pairs
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIELDS = ("radial", "angular", "triplets", "pairs", "triplet_pair")
 
 
@@ -113,10 +114,10 @@ def small_neighbor_tiles(monkeypatch):
     monkeypatch.setattr(kernel_neighbors, "TRIPLET_BLOCK", 4)
 
 
-@pytest.mark.usefixtures("small_neighbor_tiles", "poisoned_buffers")
+@pytest.mark.usefixtures("small_neighbor_tiles", "poisoned_buffers", "kernel_device")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_triton_neighbors_equal_the_reference_on_random_molecules(dtype):
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator(DEVICE).manual_seed(5)
     sizes = [1, 2, 17, 4, 9, 8]
     coord = torch.cat([torch.rand(n, 3, generator=g, dtype=torch.float64) * 3.5 + 50.0 * m
                        for m, n in enumerate(sizes)]).to(dtype)
@@ -127,7 +128,7 @@ def test_triton_neighbors_equal_the_reference_on_random_molecules(dtype):
     _same_neighbors(ops.build_neighbors(coord, mol_idx, "triton"), want)
 
 
-@pytest.mark.usefixtures("small_neighbor_tiles", "poisoned_buffers")
+@pytest.mark.usefixtures("small_neighbor_tiles", "poisoned_buffers", "kernel_device")
 def test_triton_neighbors_follow_the_reference_at_the_angular_cutoff_in_float32():
     """Pairs so close to 3.1 Å that float32 and float64 disagree about them: the subset is the
     reference's (decided in the coordinates' dtype), not a float64 search's."""
@@ -146,7 +147,7 @@ def test_triton_neighbors_follow_the_reference_at_the_angular_cutoff_in_float32(
     _same_neighbors(ops.build_neighbors(coord, mol_idx, "triton"), want)
 
 
-@pytest.mark.usefixtures("small_neighbor_tiles", "poisoned_buffers")
+@pytest.mark.usefixtures("small_neighbor_tiles", "poisoned_buffers", "kernel_device")
 def test_triton_neighbors_equal_the_reference_on_real_molecules(shared):
     ref = json.loads((shared / "reference" / "aimnet_original_outputs.json").read_text())
     mols = ref["molecules"][:4] + ref["molecules"][8:10]

@@ -11,17 +11,19 @@ from aimnet_fast.batch import Batch
 TOL = {"energy": 1e-6, "forces": 2e-6, "elmoments": 5e-6, "volumes": 2e-4}
 
 
-def predict(model, molecules):
-    b = Batch.from_molecules([(m["numbers"], m["coord_A"]) for m in molecules]).validate()
+def predict(model, molecules, device="cpu"):
+    """Energy, forces, elmoments and volumes per molecule, as CPU tensors; the model and the batch
+    on ``device``."""
+    b = Batch.from_molecules([(m["numbers"], m["coord_A"]) for m in molecules]).validate().to(device)
     coord = b.coord.clone().requires_grad_(True)
     out = model(b.numbers, coord, b.mol_idx, b.n_mol)
-    forces = -torch.autograd.grad(out["energy"].sum(), coord)[0]
+    forces = -torch.autograd.grad(out["energy"].sum(), coord)[0].cpu()
     per_mol = []
     for k in range(b.n_mol):
         a, e = int(b.offsets[k]), int(b.offsets[k + 1])
         per_mol.append({"energy": out["energy"][k].item(), "forces": forces[a:e],
-                        "elmoments": out["elmoments"][a:e].detach(),
-                        "volumes": out["volumes"][a:e].detach()})
+                        "elmoments": out["elmoments"][a:e].detach().cpu(),
+                        "volumes": out["volumes"][a:e].detach().cpu()})
     return per_mol
 
 

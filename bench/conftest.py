@@ -65,8 +65,8 @@ def pytest_addoption(parser):
     g = parser.getgroup("guard", "throughput-regression guard")
     g.addoption("--guard-base", default=None, metavar="REV",
                 help="the commit to compare time with (default: the one bench/baselines/base.json names)")
-    g.addoption("--guard-processes", type=int, default=2,
-                help="processes per side and round of the side-by-side time comparison (default 2)")
+    g.addoption("--guard-processes", type=int, default=3,
+                help="processes per side and round of the side-by-side time comparison (default 3)")
     g.addoption("--guard-threshold", type=float, default=None,
                 help="allowed slowdown before a guarded benchmark fails (fraction, default 0.07)")
     g.addoption("--guard-off", action="store_true",

@@ -9,7 +9,9 @@ How a run goes (``pytest bench/``, see bench/conftest.py):
    under the repository's git folder (``.git/aimnet_fast-guard/<sha>``), made once and reused while
    it stays clean.
 2. The guarded benchmarks selected in this session run in separate processes, alternately from the
-   two trees: base, ours, ours, base (``--guard-processes`` per side, default 2). Each process is
+   two trees: base, ours, ours, base, base, ours (``--guard-processes`` per side, default 3; a
+   process's best round moves by 5–10 % between processes on a 2-core VM, so the best of two was
+   not enough to see a 10 % slowdown reliably: bench/RESULTS.md). Each process is
    ``python bench/guard_child.py ROOT <node ids> --guard-child``: every project module, the Triton
    kernels included, is imported from ROOT's own files (guard_child.py says how), each process
    records the file of every project module it loaded, and a module from outside its tree makes the
@@ -180,7 +182,7 @@ class Verdict:
 class ABRun:
     """The guarded benchmarks of one session, measured side by side; ``verdict(nodeid)`` for each."""
 
-    def __init__(self, base: BaseTree, nodeids: list[str], processes: int = 2,
+    def __init__(self, base: BaseTree, nodeids: list[str], processes: int = 3,
                  threshold: float = 0.07, confirm: bool = True, child_args: list[str] = (),
                  repo: Path = REPO):
         self.base, self.nodeids, self.processes = base, list(nodeids), max(1, processes)

@@ -67,6 +67,9 @@ def pytest_addoption(parser):
                 help="the commit to compare time with (default: the one bench/baselines/base.json names)")
     g.addoption("--guard-processes", type=int, default=3,
                 help="processes per side and round of the side-by-side time comparison (default 3)")
+    g.addoption("--guard-confirm-processes", type=int, default=None,
+                help="fresh processes per side for a benchmark over the threshold (default 4 × "
+                     "--guard-processes)")
     g.addoption("--guard-threshold", type=float, default=None,
                 help="allowed slowdown before a guarded benchmark fails (fraction, default 0.07)")
     g.addoption("--guard-off", action="store_true",
@@ -196,7 +199,8 @@ def pytest_collection_modifyitems(config, items):
         return
     _AB = ABRun(base, swapped, processes=config.getoption("--guard-processes"),
                 threshold=DEFAULT_THRESHOLD if thr is None else thr,
-                confirm=not config.getoption("--guard-no-confirm"))
+                confirm=not config.getoption("--guard-no-confirm"),
+                confirm_processes=config.getoption("--guard-confirm-processes"))
 
 
 class _Unavailable:

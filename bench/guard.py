@@ -16,6 +16,7 @@
 Options (``pytest bench/ ...``):
   --guard-base=REV        the base commit (default: the one bench/baselines/base.json names)
   --guard-processes=3     processes per side and round of the time comparison
+  --guard-confirm-processes=N  fresh processes per side for a suspect (default 4 × processes)
   --guard-threshold=0.07  allowed slowdown in time before failing (fraction)
   --guard-off             time every benchmark in this process, report, never fail (the figures
                           of bench/RESULTS.md; CI's smoke run uses --benchmark-disable)

@@ -128,20 +128,32 @@ def test_side_by_side_passes_within_the_threshold(tmp_path, monkeypatch):
 
 
 def test_side_by_side_confirms_in_fresh_processes(tmp_path, monkeypatch):
-    # Over the threshold once, within it in fresh processes: noise, passes.
-    run, calls = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.0}, {"x": 1.0}, {"x": 1.0}],
-                                             "ours": [{"x": 1.10}, {"x": 1.02}]}, processes=1)
+    # Over the threshold once; with two fresh processes per side the best times over all of a
+    # side's processes are within it: noise, passes.
+    run, calls = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.0}, {"x": 1.01}, {"x": 1.0}],
+                                             "ours": [{"x": 1.10}, {"x": 1.02}, {"x": 1.12}]},
+                     processes=1, confirm_processes=2)
     v = run.verdict("bench/t.py::test_x")
-    assert v.status == "pass" and "1.020× in fresh processes: noise" in v.message
-    assert [c[0] for c in calls] == ["base", "ours", "ours", "base"]
-    # Over it in both: fails, naming the benchmark, both factors and both commits.
+    assert v.status == "pass", v.message
+    assert "1.100× the base's time" in v.message
+    assert "1.020× over all 3 processes per side with 2 fresh ones" in v.message and "noise" in v.message
+    # base, ours (first), then ours, base / base, ours: the suspect alone, alternating
+    assert [c[0] for c in calls] == ["base", "ours", "ours", "base", "base", "ours"]
+    assert calls[2][1] == ("bench/t.py::test_x",)
+    # Over it over all processes too: fails, naming the benchmark, both factors and both commits.
     run, _ = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.0}, {"x": 1.0}],
-                                         "ours": [{"x": 1.12}, {"x": 1.09}]}, processes=1)
+                                         "ours": [{"x": 1.12}, {"x": 1.09}]},
+                 processes=1, confirm_processes=1)
     v = run.verdict("bench/t.py::test_x")
     assert v.status == "fail"
     assert v.message.startswith("throughput regression in x: 1.120× the base's time (working tree ")
-    assert "1.090× again in fresh processes" in v.message and "base bbbbbbbbbb" in v.message
-    assert "threshold 1.070×" in v.message
+    assert "1.090× over all 2 processes per side with 1 fresh ones" in v.message
+    assert "base bbbbbbbbbb" in v.message and "threshold 1.070×" in v.message
+    assert run.record()["benchmarks"]["x"]["again_factor"] == pytest.approx(1.09)
+    # The default: four times as many fresh processes as first ones.
+    run, calls = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.0}] * 5, "ours": [{"x": 1.2}] * 5},
+                     processes=1)
+    assert run.verdict("bench/t.py::test_x").status == "fail" and len(calls) == 10
     # Without confirmation the first comparison decides, and nothing runs again.
     run, calls = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.0}], "ours": [{"x": 1.08}]},
                      processes=1, confirm=False)

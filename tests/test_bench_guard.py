@@ -141,6 +141,13 @@ def test_side_by_side_confirms_in_fresh_processes(tmp_path, monkeypatch):
     # base, ours (first), then ours, base / base, ours: the suspect alone, alternating
     assert [c[0] for c in calls] == ["base", "ours", "ours", "base", "base", "ours"]
     assert calls[2][1] == ("bench/t.py::test_x",)
+    # One lucky base process in the first round does not decide: the fresh ones alone are even.
+    run, _ = _ab(tmp_path, monkeypatch, {"base": [{"x": 0.90}, {"x": 1.0}, {"x": 1.0}],
+                                         "ours": [{"x": 1.0}, {"x": 1.0}, {"x": 1.01}]},
+                 processes=1, confirm_processes=2)
+    v = run.verdict("bench/t.py::test_x")
+    assert v.status == "pass" and "1.111× over all 3 processes" in v.message, v.message
+    assert "1.000× over the fresh ones alone: noise" in v.message
     # Over it over all processes too: fails, naming the benchmark, both factors and both commits.
     run, _ = _ab(tmp_path, monkeypatch, {"base": [{"x": 1.0}, {"x": 1.0}],
                                          "ours": [{"x": 1.12}, {"x": 1.09}]},

@@ -5,7 +5,7 @@
 # machine: time is compared side by side with the base commit (bench/guard_ab.py), instructions with
 # the committed counts or, where the library builds differ, with the base counted in the same run.
 set -u
-show() { grep -E "regression in|reference.neighbors|passed|failed|skipped" | cut -c1-400; }
+show() { grep -E "regression in|reference.neighbors|passed|failed|skipped" | cut -c1-700; }
 run() {
   echo "-- time: pytest bench/test_bench_ops.py -k neighbor_search"
   python -m pytest bench/test_bench_ops.py -q -p no:cacheprovider -k neighbor_search 2>&1 | show

@@ -1,8 +1,10 @@
-"""Markdown table of the guard's figures for bench/RESULTS.md: the committed baseline of this
-machine class (median, spread, limit) and the factors of check runs recorded with
-``pytest bench/ --guard-record=PATH``.
+"""Markdown table of the guard's figures for bench/RESULTS.md, from runs recorded with
+``pytest bench/ --guard-record=PATH``: for each guarded benchmark, the side-by-side factor of every
+run (working tree / base, the best process of each side; in brackets the factor of the fresh
+processes where it was measured again), and the instruction counts against the committed ones of
+bench/baselines/base.json.
 
-    for k in 1 2 3 4 5; do pytest bench/ -q --guard-record=/tmp/check$k.json; done
+    for k in 1 2; do pytest bench/ -q --guard-record=/tmp/check$k.json; done
     python bench/guard_table.py /tmp/check*.json
 """
 import json
@@ -11,27 +13,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from guard import Guard  # noqa: E402
+from guard import Guard, load_baseline  # noqa: E402
+
+
+def _time_cell(bench: dict | None) -> str:
+    if not bench or bench.get("factor") is None:
+        return "–"
+    again = bench.get("again_factor")
+    return f"{bench['factor']:.3f}" + (f" ({again:.3f})" if again is not None else "")
 
 
 def main(paths: list[str]) -> None:
-    g = Guard(update=False, threshold=0.07, off=True)
-    base = g.baseline or {}
-    checks = [json.loads(Path(p).read_text()) for p in paths]
-    print(f"Baseline {g.path.name}: {base.get('date')}, torch {base.get('torch')}, "
-          f"numpy {base.get('numpy')}, triton {base.get('triton')}, {base.get('processor')}\n")
-    print("| guarded figure | baseline spread (runs) | limit | factors of the check runs |")
-    print("|---|---|---|---|")
-    for name, ref in sorted(base.get("benchmarks", {}).items()):
-        f = " ".join(f"{c['ratios'][name] / ref['ratio']:.3f}" if name in c["ratios"] else "–"
-                     for c in checks)
-        print(f"| time {name} | {ref['spread'] * 100:.1f} % ({ref['runs']}) | "
-              f"{1 + g.limit(ref):.3f} | {f} |")
-    for name, ref in sorted(base.get("instructions", {}).items()):
-        f = " ".join(f"{c['instructions'][name] / ref['count']:.4f}" if name in c["instructions"]
-                     else "–" for c in checks)
-        print(f"| instructions {name} ({ref['count'] / 1e6:,.0f} M) | {ref['spread'] * 100:.3f} % "
-              f"({ref['runs']}) | {1 + g.icount_limit(ref):.3f} | {f} |")
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    sides = [r.get("side_by_side") or {} for r in runs]
+    base = load_baseline()
+    print("Runs: " + "; ".join(f"{s.get('ours')} against {str(s.get('base'))[:10]}, "
+                               f"{s.get('processes')} processes per side" for s in sides) + "\n")
+    print("| guarded figure | limit | factor of each run (over all processes, where re-measured) |")
+    print("|---|---|---|")
+    for name in sorted(set().union(*(s.get("benchmarks", {}) for s in sides))):
+        limit = max((s.get("threshold", 0.0) for s in sides), default=0.0)
+        cells = " ".join(_time_cell(s.get("benchmarks", {}).get(name)) for s in sides)
+        print(f"| time {name} | {1 + limit:.3f} | {cells} |")
+    for name, ref in sorted(base.get("instructions", {}).get("counts", {}).items()):
+        cells = " ".join(f"{r['instructions'][name] / ref['count']:.4f}"
+                         if name in r.get("instructions", {}) else "–" for r in runs)
+        print(f"| instructions {name} ({ref['count'] / 1e6:,.0f} M) | "
+              f"{1 + Guard.icount_limit(ref):.3f} | {cells} |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ by centre atom (any order is accepted, at the cost of a sort); outputs (N, 16, F
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from .aev import cosine_cutoff, radial_terms
 from .constants import (ANGULAR_CUTOFF_A, ANGULAR_ETA_PER_A2, ANGULAR_SECTORS_RAD,
                         ANGULAR_SHIFTS_A, ANGULAR_ZETA, COS_CLAMP)
+from .index_memo import IndexMemo
 
 #: Slots per row: a centre with k terms costs ceil(k / width) rows. Narrower rows waste less on
 #: padding but make more, smaller matrix products and a longer sum over rows; on S66x8 energy+forces
@@ -76,19 +78,57 @@ def _padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(1, x.shape[1])]).index_select(0, index)
 
 
-def centre_sum(terms: torch.Tensor, feat: torch.Tensor, feat_index: torch.Tensor,
-               layout: RowLayout, n_atoms: int) -> torch.Tensor:
+class GatherPlan(NamedTuple):
+    """A row layout and, for each slot, the feature row it reads (``slot_feat``, K for padding)."""
+    layout: RowLayout
+    slot_feat: torch.Tensor
+
+
+def gather_plan(centre: torch.Tensor, feat_index: torch.Tensor, n_feat_rows: int, n_atoms: int,
+                width: int) -> GatherPlan:
+    """The plan of ``centre_sum`` for terms with centres ``centre`` (T,) reading feature rows
+    ``feat_index`` (T,) of a (n_feat_rows, F) feature tensor."""
+    layout = row_layout(centre, n_atoms, width)
+    slot_feat = torch.cat([feat_index, feat_index.new_full((1,), n_feat_rows)]) \
+        .index_select(0, layout.slot_term)
+    return GatherPlan(layout, slot_feat)
+
+
+#: Plans derived from a neighbor list alone, one per list: the model's T passes and their backward
+#: reuse it instead of rebuilding it at every call (6 times per forward).
+_PLANS = IndexMemo()
+
+
+def _plan_for(index: torch.Tensor, tag: str, centre: torch.Tensor, feat_index: torch.Tensor,
+              extra: torch.Tensor | None, n_feat_rows: int, n_atoms: int, width: int) -> GatherPlan:
+    """The plan of the list ``index`` (pairs or triplets), memoized on it; ``extra`` is a second
+    index tensor the plan depends on (triplet_pair), which must be the same object to reuse it."""
+    key = (tag, n_feat_rows, n_atoms, width)
+    hit = _PLANS.get(index, key)
+    if hit is not None:
+        plan, extra_ref, extra_version = hit
+        if extra is None or (extra_ref() is extra and extra_version == extra._version):
+            return plan
+    plan = gather_plan(centre, feat_index, n_feat_rows, n_atoms, width)
+    if extra is None:
+        _PLANS.put(index, (plan, None, None), key)
+    else:
+        _PLANS.put(index, (plan, weakref.ref(extra), extra._version), key)
+    return plan
+
+
+def centre_sum(terms: torch.Tensor, feat: torch.Tensor, plan: GatherPlan,
+               n_atoms: int) -> torch.Tensor:
     """out[i, c, f] = Σ_{t: centre(t) = i} terms[t, c] · feat[feat_index[t], f] → (N, C, F).
 
-    ``terms`` (T, C), ``feat`` (K, F), ``feat_index`` (T,) into feat; ``layout`` from
-    ``row_layout`` over the same T terms."""
+    ``terms`` (T, C), ``feat`` (K, F); ``plan`` from ``gather_plan`` over the same T terms, their
+    centres and feature indices."""
+    layout = plan.layout
     n_rows = layout.row_atom.numel()
     C, F = terms.shape[1], feat.shape[1]
     w = layout.width
     t_rows = _padded(terms, layout.slot_term).view(n_rows, w, C)
-    f_index = torch.cat([feat_index, feat_index.new_full((1,), feat.shape[0])]) \
-        .index_select(0, layout.slot_term)
-    f_rows = _padded(feat, f_index).view(n_rows, w, F)
+    f_rows = _padded(feat, plan.slot_feat).view(n_rows, w, F)
     per_row = torch.bmm(t_rows.transpose(1, 2), f_rows)                      # (R, C, F)
     return feat.new_zeros(n_atoms, C, F).index_add(0, layout.row_atom, per_row)
 
@@ -119,8 +159,9 @@ def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor)
     → (N, 16, F), as ``aev.radial_contract``."""
     i, j = pairs[0], pairs[1]
     g = radial_terms((coord.index_select(0, j) - coord.index_select(0, i)).norm(dim=1)).to(afv.dtype)
-    layout = row_layout(i, coord.shape[0], RADIAL_ROW_WIDTH)
-    return centre_sum(g, afv, j, layout, coord.shape[0])
+    n = coord.shape[0]
+    plan = _plan_for(pairs, "radial", i, j, None, afv.shape[0], n, RADIAL_ROW_WIDTH)
+    return centre_sum(g, afv, plan, n)
 
 
 def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: torch.Tensor,
@@ -130,6 +171,8 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
     i, j, k = triplets[0], triplets[1], triplets[2]
     r_i = coord.index_select(0, i)
     g = angular_terms(coord.index_select(0, j) - r_i, coord.index_select(0, k) - r_i).to(pair_feat.dtype)
-    layout = row_layout(i, coord.shape[0], ANGULAR_ROW_WIDTH)
-    return centre_sum(g, pair_feat, triplet_pair, layout, coord.shape[0])
+    n = coord.shape[0]
+    plan = _plan_for(triplets, "angular", i, triplet_pair, triplet_pair, pair_feat.shape[0], n,
+                     ANGULAR_ROW_WIDTH)
+    return centre_sum(g, pair_feat, plan, n)
 

@@ -9,11 +9,12 @@ Keep the tensor on the left of a constexpr in products: Triton's interpreter fai
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import triton
 import triton.language as tl
+
+from aimnet_fast.index_memo import IndexMemo
 
 PI = tl.constexpr(math.pi)
 
@@ -66,20 +67,18 @@ def check_inputs(name: str, coord: torch.Tensor, feat: torch.Tensor) -> None:
 
 
 # -- the backward's preconditions on the index lists ---------------------------------------------
-#: id → (weak reference, version) of index tensors already checked: a model's T passes and their
-#: backward reuse one list per batch, so each list is checked once, not at every call.
-_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+#: Lists already checked: a model's T passes and their backward reuse one list per batch, so each
+#: list is checked once, not at every call.
+_CHECKED = IndexMemo()
 
 
-def _already_checked(t: torch.Tensor) -> bool:
-    entry = _CHECKED.get(id(t))
-    return entry is not None and entry[0]() is t and entry[1] == t._version
+def _already_checked(t: torch.Tensor, bounds: tuple) -> bool:
+    return _CHECKED.get(t, bounds) is not None
 
 
-def _mark_checked(*ts: torch.Tensor) -> None:
+def _mark_checked(bounds: tuple, *ts: torch.Tensor) -> None:
     for t in ts:
-        key = id(t)
-        _CHECKED[key] = (weakref.ref(t, lambda _, key=key: _CHECKED.pop(key, None)), t._version)
+        _CHECKED.put(t, True, bounds)
 
 
 def _cannot_sync() -> bool:
@@ -97,7 +96,7 @@ def check_pairs(name: str, pairs: torch.Tensor, n_atoms: int) -> None:
     (i, j). A list that breaks this raises ValueError instead of giving a wrong gradient."""
     if pairs.ndim != 2 or pairs.shape[0] != 2:
         raise ValueError(f"{name}: pairs must be (2, P), got {tuple(pairs.shape)}")
-    if pairs.shape[1] == 0 or _cannot_sync() or _already_checked(pairs):
+    if pairs.shape[1] == 0 or _cannot_sync() or _already_checked(pairs, ("pairs", n_atoms)):
         return
     i, j = pairs[0].long(), pairs[1].long()
     if bool((i[1:] < i[:-1]).any()):
@@ -109,7 +108,7 @@ def check_pairs(name: str, pairs: torch.Tensor, n_atoms: int) -> None:
     if not torch.equal(forward_keys, reverse_keys):
         raise ValueError(f"{name}: pairs must list both directions of every pair: some (i, j) has "
                          f"no (j, i)")
-    _mark_checked(pairs)
+    _mark_checked(("pairs", n_atoms), pairs)
 
 
 def check_triplets(name: str, triplets: torch.Tensor, triplet_pair: torch.Tensor, n_atoms: int,
@@ -122,8 +121,9 @@ def check_triplets(name: str, triplets: torch.Tensor, triplet_pair: torch.Tensor
     if triplet_pair.shape != (triplets.shape[1],):
         raise ValueError(f"{name}: triplet_pair must be ({triplets.shape[1]},), got "
                          f"{tuple(triplet_pair.shape)}")
-    if triplets.shape[1] == 0 or _cannot_sync() or (_already_checked(triplets)
-                                                      and _already_checked(triplet_pair)):
+    bounds = ("triplets", n_atoms, n_pairs)
+    if triplets.shape[1] == 0 or _cannot_sync() or (_already_checked(triplets, bounds)
+                                                      and _already_checked(triplet_pair, bounds)):
         return
     i = triplets[0]
     if bool((i[1:] < i[:-1]).any()):
@@ -133,4 +133,4 @@ def check_triplets(name: str, triplets: torch.Tensor, triplet_pair: torch.Tensor
         raise ValueError(f"{name}: triplet indices outside 0 … {n_atoms - 1}")
     if bool((triplet_pair.min() < 0) | (triplet_pair.max() >= n_pairs)):
         raise ValueError(f"{name}: triplet_pair outside 0 … {n_pairs - 1}")
-    _mark_checked(triplets, triplet_pair)
+    _mark_checked(bounds, triplets, triplet_pair)

@@ -190,3 +190,46 @@ def test_model_float32_is_as_close_to_float64_as_the_reference_is(released_model
 def test_auto_is_the_cpu_backend_on_cpu_tensors():
     assert ops._impl("auto", torch.zeros(1)) is ops.IMPLEMENTATIONS["cpu"]
     assert ops.IMPLEMENTATIONS["cpu"].radial_contract is cpu_aev.radial_contract
+
+
+def test_the_row_plan_is_built_once_per_list_and_never_stale(monkeypatch):
+    """The model's passes reuse one plan per neighbor list (built twice per forward, not six
+    times); a list changed in place, or the same triplets with another triplet_pair tensor, gets a
+    new plan, and the sums stay the reference's."""
+    built = []
+    real = cpu_aev.gather_plan
+    monkeypatch.setattr(cpu_aev, "gather_plan", lambda *a: built.append(a[-1]) or real(*a))
+    coord, nb, afv, pair_feat = _inputs(6)
+    for _ in range(3):
+        x_r = cpu_aev.radial_contract(coord, nb.radial, afv)
+        x_a = cpu_aev.angular_contract(coord, nb.triplets, pair_feat, nb.triplet_pair)
+    assert built == [cpu_aev.RADIAL_ROW_WIDTH, cpu_aev.ANGULAR_ROW_WIDTH]
+    torch.testing.assert_close(x_r, aev.radial_contract(coord, nb.radial, afv), rtol=0, atol=1e-12)
+
+    radial = nb.radial.clone()
+    cpu_aev.radial_contract(coord, radial, afv)
+    radial[1, :5] = radial[1, 5:10].clone()         # other partners, same length: a stale plan
+    assert len(built) == 3                          # would read the old ones
+    torch.testing.assert_close(cpu_aev.radial_contract(coord, radial, afv),
+                               aev.radial_contract(coord, radial, afv), rtol=0, atol=1e-12)
+    assert len(built) == 4
+
+    # The same triplets with the pair features stored in another order: a new triplet_pair.
+    perm = torch.randperm(pair_feat.shape[0], generator=torch.Generator().manual_seed(2))
+    moved_to = torch.empty_like(perm)
+    moved_to[perm] = torch.arange(perm.numel())
+    x_a2 = cpu_aev.angular_contract(coord, nb.triplets, pair_feat[perm], moved_to[nb.triplet_pair])
+    assert len(built) == 5
+    torch.testing.assert_close(x_a2, x_a, rtol=0, atol=1e-12)
+
+
+def test_model_builds_two_plans_per_forward(released_models, reference_batch, monkeypatch):
+    built = []
+    real = cpu_aev.gather_plan
+    monkeypatch.setattr(cpu_aev, "gather_plan", lambda *a: built.append(1) or real(*a))
+    import copy
+    model = copy.deepcopy(released_models[0]).double()
+    model.backend = "cpu"
+    b = reference_batch
+    out = model(b.numbers, b.coord, b.mol_idx, b.n_mol)
+    assert len(out["passes"]["energy"]) == 3 and len(built) == 2  # T = 3 passes, one plan each

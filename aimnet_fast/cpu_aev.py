@@ -17,7 +17,6 @@ by centre atom (any order is accepted, at the cost of a sort); outputs (N, 16, F
 """
 from __future__ import annotations
 
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -99,21 +98,14 @@ def gather_plan(centre: torch.Tensor, feat_index: torch.Tensor, n_feat_rows: int
 _PLANS = IndexMemo()
 
 
-def _plan_for(index: torch.Tensor, tag: str, centre: torch.Tensor, feat_index: torch.Tensor,
-              extra: torch.Tensor | None, n_feat_rows: int, n_atoms: int, width: int) -> GatherPlan:
-    """The plan of the list ``index`` (pairs or triplets), memoized on it; ``extra`` is a second
-    index tensor the plan depends on (triplet_pair), which must be the same object to reuse it."""
+def _plan_for(lists, tag: str, centre: torch.Tensor, feat_index: torch.Tensor,
+              n_feat_rows: int, n_atoms: int, width: int) -> GatherPlan:
+    """The plan of a neighbor list, memoized on its index tensors ``lists`` (pairs, or triplets
+    with their triplet_pair)."""
     key = (tag, n_feat_rows, n_atoms, width)
-    hit = _PLANS.get(index, key)
-    if hit is not None:
-        plan, extra_ref, extra_version = hit
-        if extra is None or (extra_ref() is extra and extra_version == extra._version):
-            return plan
-    plan = gather_plan(centre, feat_index, n_feat_rows, n_atoms, width)
-    if extra is None:
-        _PLANS.put(index, (plan, None, None), key)
-    else:
-        _PLANS.put(index, (plan, weakref.ref(extra), extra._version), key)
+    plan = _PLANS.get(lists, key)
+    if plan is None:
+        plan = _PLANS.put(lists, gather_plan(centre, feat_index, n_feat_rows, n_atoms, width), key)
     return plan
 
 
@@ -160,7 +152,7 @@ def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor)
     i, j = pairs[0], pairs[1]
     g = radial_terms((coord.index_select(0, j) - coord.index_select(0, i)).norm(dim=1)).to(afv.dtype)
     n = coord.shape[0]
-    plan = _plan_for(pairs, "radial", i, j, None, afv.shape[0], n, RADIAL_ROW_WIDTH)
+    plan = _plan_for(pairs, "radial", i, j, afv.shape[0], n, RADIAL_ROW_WIDTH)
     return centre_sum(g, afv, plan, n)
 
 
@@ -172,7 +164,7 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
     r_i = coord.index_select(0, i)
     g = angular_terms(coord.index_select(0, j) - r_i, coord.index_select(0, k) - r_i).to(pair_feat.dtype)
     n = coord.shape[0]
-    plan = _plan_for(triplets, "angular", i, triplet_pair, triplet_pair, pair_feat.shape[0], n,
+    plan = _plan_for((triplets, triplet_pair), "angular", i, triplet_pair, pair_feat.shape[0], n,
                      ANGULAR_ROW_WIDTH)
     return centre_sum(g, pair_feat, plan, n)
 

@@ -72,15 +72,6 @@ def check_inputs(name: str, coord: torch.Tensor, feat: torch.Tensor) -> None:
 _CHECKED = IndexMemo()
 
 
-def _already_checked(t: torch.Tensor, bounds: tuple) -> bool:
-    return _CHECKED.get(t, bounds) is not None
-
-
-def _mark_checked(bounds: tuple, *ts: torch.Tensor) -> None:
-    for t in ts:
-        _CHECKED.put(t, True, bounds)
-
-
 def _cannot_sync() -> bool:
     """Inside CUDA-graph capture or torch.compile tracing a check would need a host sync (or see
     no values): the lists there come from the capturable neighbor search, checked by its tests."""
@@ -96,7 +87,8 @@ def check_pairs(name: str, pairs: torch.Tensor, n_atoms: int) -> None:
     (i, j). A list that breaks this raises ValueError instead of giving a wrong gradient."""
     if pairs.ndim != 2 or pairs.shape[0] != 2:
         raise ValueError(f"{name}: pairs must be (2, P), got {tuple(pairs.shape)}")
-    if pairs.shape[1] == 0 or _cannot_sync() or _already_checked(pairs, ("pairs", n_atoms)):
+    bounds = ("pairs", n_atoms)
+    if pairs.shape[1] == 0 or _cannot_sync() or _CHECKED.get(pairs, bounds):
         return
     i, j = pairs[0].long(), pairs[1].long()
     if bool((i[1:] < i[:-1]).any()):
@@ -108,7 +100,7 @@ def check_pairs(name: str, pairs: torch.Tensor, n_atoms: int) -> None:
     if not torch.equal(forward_keys, reverse_keys):
         raise ValueError(f"{name}: pairs must list both directions of every pair: some (i, j) has "
                          f"no (j, i)")
-    _mark_checked(("pairs", n_atoms), pairs)
+    _CHECKED.put(pairs, True, bounds)
 
 
 def check_triplets(name: str, triplets: torch.Tensor, triplet_pair: torch.Tensor, n_atoms: int,
@@ -122,8 +114,7 @@ def check_triplets(name: str, triplets: torch.Tensor, triplet_pair: torch.Tensor
         raise ValueError(f"{name}: triplet_pair must be ({triplets.shape[1]},), got "
                          f"{tuple(triplet_pair.shape)}")
     bounds = ("triplets", n_atoms, n_pairs)
-    if triplets.shape[1] == 0 or _cannot_sync() or (_already_checked(triplets, bounds)
-                                                      and _already_checked(triplet_pair, bounds)):
+    if triplets.shape[1] == 0 or _cannot_sync() or _CHECKED.get((triplets, triplet_pair), bounds):
         return
     i = triplets[0]
     if bool((i[1:] < i[:-1]).any()):
@@ -133,4 +124,4 @@ def check_triplets(name: str, triplets: torch.Tensor, triplet_pair: torch.Tensor
         raise ValueError(f"{name}: triplet indices outside 0 … {n_atoms - 1}")
     if bool((triplet_pair.min() < 0) | (triplet_pair.max() >= n_pairs)):
         raise ValueError(f"{name}: triplet_pair outside 0 … {n_pairs - 1}")
-    _mark_checked(bounds, triplets, triplet_pair)
+    _CHECKED.put((triplets, triplet_pair), True, bounds)

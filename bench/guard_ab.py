@@ -330,5 +330,6 @@ class ABRun:
                 "ours_s": f.ours, "base_s": f.base,
                 "factor": f.factor if f.ours and f.base else None,
                 "again_ours_s": g.ours if again else [], "again_base_s": g.base if again else [],
-                "again_factor": self._all(f, g).factor if again else None}
+                "fresh_factor": g.factor if again else None,
+                "all_factor": self._all(f, g).factor if again else None}
         return out

@@ -1,8 +1,8 @@
 """Markdown table of the guard's figures for bench/RESULTS.md, from runs recorded with
 ``pytest bench/ --guard-record=PATH``: for each guarded benchmark, the side-by-side factor of every
-run (working tree / base, the best process of each side; in brackets the factor of the fresh
-processes where it was measured again), and the instruction counts against the committed ones of
-bench/baselines/base.json.
+run (working tree / base, the best process of each side; in brackets, where the benchmark was
+measured again, the factor over all processes and over the fresh ones alone), and the instruction
+counts against the committed ones of bench/baselines/base.json.
 
     for k in 1 2; do pytest bench/ -q --guard-record=/tmp/check$k.json; done
     python bench/guard_table.py /tmp/check*.json
@@ -19,8 +19,9 @@ from guard import Guard, load_baseline  # noqa: E402
 def _time_cell(bench: dict | None) -> str:
     if not bench or bench.get("factor") is None:
         return "–"
-    again = bench.get("again_factor")
-    return f"{bench['factor']:.3f}" + (f" ({again:.3f})" if again is not None else "")
+    if bench.get("all_factor") is None:
+        return f"{bench['factor']:.3f}"
+    return f"{bench['factor']:.3f} ({bench['all_factor']:.3f} all, {bench['fresh_factor']:.3f} fresh)"
 
 
 def main(paths: list[str]) -> None:
@@ -29,10 +30,11 @@ def main(paths: list[str]) -> None:
     base = load_baseline()
     print("Runs: " + "; ".join(f"{s.get('ours')} against {str(s.get('base'))[:10]}, "
                                f"{s.get('processes')} processes per side" for s in sides) + "\n")
-    print("| guarded figure | limit | factor of each run (over all processes, where re-measured) |")
+    print("| guarded figure | limit | factor of each run (where re-measured: over all processes, "
+          "over the fresh ones) |")
     print("|---|---|---|")
+    limit = max((s.get("threshold", 0.0) for s in sides), default=0.0)
     for name in sorted(set().union(*(s.get("benchmarks", {}) for s in sides))):
-        limit = max((s.get("threshold", 0.0) for s in sides), default=0.0)
         cells = " ".join(_time_cell(s.get("benchmarks", {}).get(name)) for s in sides)
         print(f"| time {name} | {1 + limit:.3f} | {cells} |")
     for name, ref in sorted(base.get("instructions", {}).get("counts", {}).items()):

@@ -17,6 +17,7 @@ COMMANDS = {
     "predict": ("aimnet_fast.predict", "energies, forces, charges, moments, volumes of an XYZ"),
     "convert": ("aimnet_fast.convert", "convert released AIMNet weights into a checkpoint"),
     "train": ("aimnet_fast.train", "train a model (see `aimnet-fast train --help`)"),
+    "evaluate": ("aimnet_fast.evaluate", "test report (MAE/RMSE per target, pass, source) of a checkpoint"),
 }
 
 

@@ -52,9 +52,9 @@ OUTPUT_UNITS = {
 }
 
 #: Training target -> (unit its errors are reported in, factor from the internal unit).
-#: Energy errors are per molecule.
+#: Energy errors are per molecule; volumes in Å³ (the model's bohr³ × BOHR_TO_A³).
 REPORT_UNITS = {"energy": ("kcal/mol", HARTREE_TO_KCALMOL), "charges": ("e", 1.0),
-                "volumes": ("bohr3", 1.0), "forces": ("kcal/mol/A", HARTREE_TO_KCALMOL)}
+                "volumes": ("A3", BOHR_TO_A ** 3), "forces": ("kcal/mol/A", HARTREE_TO_KCALMOL)}
 
 
 def factor(unit: str, dimension: str | None = None) -> float:

@@ -10,6 +10,7 @@ import h5py
 
 from aimnet_fast.batch import Batch
 from aimnet_fast.flops import count
+from aimnet_fast.model import AIMNet
 from aimnet_fast.neighbors import build_neighbors
 
 LIMITS = {"FP32 67 TFLOP/s": ("flop", 67e12), "TF32 495 TFLOP/s": ("flop", 495e12),
@@ -25,7 +26,7 @@ def main(path):
     b = Batch.from_molecules(mols)
     nb = build_neighbors(b.coord, b.mol_idx)
     m = len(mols)
-    c = count(b.n_atoms, nb.radial.shape[1], nb.triplets.shape[1], nb.pairs.shape[1])
+    c = count(AIMNet(), b.n_atoms, nb.radial.shape[1], nb.triplets.shape[1], nb.pairs.shape[1])
     print(f"{m} molecules: {b.n_atoms / m:.1f} atoms, {nb.radial.shape[1] / m:.0f} radial pairs, "
           f"{nb.triplets.shape[1] / m:.0f} triplets, {nb.pairs.shape[1] / m:.0f} unique pairs each")
     flop, byte = c.train_flop / m, c.activation_bytes / m

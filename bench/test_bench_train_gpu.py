@@ -29,7 +29,7 @@ def gpu_batch():
 def test_train_step_gpu(benchmark, guard, gpu_batch, impl, precision, n_pass):
     from aimnet_fast import data as D
     from aimnet_fast.train.config import LossConfig, OptimConfig
-    from aimnet_fast.flops import count
+    from aimnet_fast.flops import count_batch
     from aimnet_fast.model import AIMNet
     from aimnet_fast.neighbors import build_neighbors
     from aimnet_fast.train.dist import Dist
@@ -54,8 +54,7 @@ def test_train_step_gpu(benchmark, guard, gpu_batch, impl, precision, n_pass):
         return
     nb = build_neighbors(batch.coord, batch.mol_idx)
     n_mol = batch.n_mol
-    work = count(batch.n_atoms, nb.radial.shape[1], nb.triplets.shape[1],
-                 nb.pairs.shape[1], n_pass=n_pass)
+    work = count_batch(model, nb, batch.n_atoms, n_pass=n_pass)
     mfu = work.train_flop / t / PEAK[precision]
     benchmark.extra_info.update(molecules_per_s=n_mol / t, mfu=mfu, optimizer=desc)
     print(f"\n{impl}/{precision} T={n_pass}: {n_mol / t:,.0f} molecules/s "

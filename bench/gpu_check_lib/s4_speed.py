@@ -70,7 +70,7 @@ def _train_config(sec, ctx, backend, precision, n_pass, forces, rows):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
     t = median(ts)
-    work = count(nc["atoms"], nc["radial_pairs"], nc["triplets"], nc["unique_pairs"], n_pass=n_pass)
+    work = count(model, nc["atoms"], nc["radial_pairs"], nc["triplets"], nc["unique_pairs"], n_pass=n_pass)
     peak = ctx.ceilings.get(PEAK_OF[precision])
     # flops.count has no term for the force loss's double backward: no MFU where it would be wrong.
     mfu = (work.train_flop / t / peak) if (peak and not forces) else None
@@ -160,9 +160,9 @@ def run(sec, ctx):
               + (", CUDA events" if ctx.cuda else ", perf_counter on the CPU"),
               md_table(["backend", "precision", "T", "forces", "ms/step", "molecules/s", "atoms/s",
                         "MFU %", "peak GiB", "reps"], rows)
-              + "\n\nMFU: aimnet_fast.flops.count(...).train_flop of this batch over the measured "
-                "ceiling of the matching precision (section 1); none for force rows, whose double "
-                "backward flops.count does not count.")
+              + "\n\nMFU: aimnet_fast.flops.count(model, ...).train_flop of this batch (counted from "
+                "the model's own layer sizes) over the measured ceiling of the matching precision "
+                "(section 1); none for force rows, whose double backward flops.count does not count.")
     sec.figures["train_rows"] = rows
     p = sec.sub("profile", _profile, ctx)
     if p and "_table" in p:

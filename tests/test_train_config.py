@@ -77,6 +77,24 @@ def test_command_line_resume_uses_the_runs_config(tmp_path):
     assert not cfg.resume and cfg.optim.lr == 2e-4
 
 
+def test_resume_without_run_dir_finds_the_latest_run_and_its_config(tmp_path, monkeypatch):
+    from aimnet_fast.errors import TrainingError
+    from aimnet_fast.train.trainer import parse_args
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainingError, match="no runs/\\*/last.pt"):
+        parse_args(["--resume"])
+    for name, mols in (("20261201-100000", 5), ("20261202-090000", 9), ("20261203-000000", 3)):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.yaml").write_text(dump_yaml(load_config(None, [f"data.mols_per_batch={mols}",
+                                                                      f"run_dir={run}"])))
+        if mols != 3:                       # the newest folder has no checkpoint: not a run to resume
+            (run / "last.pt").write_bytes(b"")
+    cfg = parse_args(["--resume", "optim.lr=3e-4"])
+    assert cfg.run_dir == str(Path("runs") / "20261202-090000")
+    assert cfg.data.mols_per_batch == 9 and cfg.optim.lr == 3e-4 and cfg.resume
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     cfg = load_config(path)

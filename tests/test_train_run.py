@@ -4,6 +4,7 @@ another world size."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -61,10 +62,14 @@ def test_run_folder_and_falling_validation_loss(tmp_path, capsys):
     # Checkpoints load as models and carry the fitted SAE (in float64).
     ds, train_idx, _ = load_data(cfg, Dist(), print)
     sae = D.fit_sae(ds, indices=train_idx)
-    for name in ("last.pt", "best.pt"):
+    # best.pt: the epoch whose prediction (last pass) had the lowest validation loss, of any phase.
+    best = min(rows, key=lambda r: float(r["val_loss_last"]))
+    for name, n_pass in (("last.pt", 3), ("best.pt", int(best["n_pass"])),
+                         ("best_phase1.pt", 1), ("best_phase2.pt", 3)):
         m = load_model(run / name)
-        assert m.n_pass == 3
+        assert m.n_pass == n_pass, name
         np.testing.assert_allclose(m.sae_Ha.numpy(), sae, rtol=0, atol=1e-12)
+    assert json.loads((run / "test_metrics.json").read_text())["best_epoch"] == int(best["epoch"])
     try:
         import matplotlib  # noqa: F401  (the optional `plot` extra)
     except ImportError:

@@ -9,9 +9,9 @@ from ..errors import DataError
 
 
 def split(ds, val_fraction: float = 0.1, seed: int = 0, n_folds: int | None = None,
-          fold: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+          fold: int | None = None, indices: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train_idx, val_idx), sorted int64 conformer indices; every molecule/formula (``ds.group``)
-    lies wholly on one side.
+    lies wholly on one side. ``indices``: split only these conformers (default all).
 
     ``n_folds``/``fold``: k-fold split, the groups dealt (in a seeded random order) to the fold with
     the fewest conformers so far; fold ``fold`` is the validation side. Otherwise about
@@ -19,6 +19,10 @@ def split(ds, val_fraction: float = 0.1, seed: int = 0, n_folds: int | None = No
     brings the count closer to the target (at least one group when ``val_fraction`` > 0).
     """
     group = np.asarray(ds.group)
+    if indices is not None:
+        indices = np.asarray(indices, np.int64)
+        tr, va = split(_Groups(group[indices]), val_fraction, seed, n_folds, fold)
+        return indices[tr], indices[va]
     n_groups = int(group.max()) + 1 if group.size else 0
     size = np.bincount(group, minlength=n_groups)
     live = np.flatnonzero(size)
@@ -62,6 +66,12 @@ def split(ds, val_fraction: float = 0.1, seed: int = 0, n_folds: int | None = No
         val_groups[np.asarray(taken, np.int64)] = True
         is_val = val_groups[group]
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
+
+
+class _Groups:
+    """The one attribute of a data set that ``split`` reads."""
+    def __init__(self, group: np.ndarray):
+        self.group = group
 
 
 def _deal(sizes: np.ndarray, world: int) -> np.ndarray:

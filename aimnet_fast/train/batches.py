@@ -3,6 +3,7 @@ the validation set, and batches on the device (assembled ahead by a thread where
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -10,24 +11,53 @@ import torch
 
 from .. import data as D
 from ..batch import Batch
+from ..errors import ConfigError, DataError
 from . import config as C
 from .dist import Dist
 
 
-def load_data(cfg: C.TrainConfig, dist: Dist, log: Callable[[str], None]):
-    """The packed data set and the train/validation conformer indices (same on every rank)."""
-    sources = C.source_dicts(cfg.data)
+@dataclass
+class TrainData:
+    """The packed data set of every source of the run (``data.sources`` first, then
+    ``data.val_sources``, then ``data.test_sources``) and its conformer indices per role."""
+    ds: D.PackedDataset
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    test_idx: np.ndarray
+
+    def __iter__(self):   # ds, train_idx, val_idx = load_data(...)
+        return iter((self.ds, self.train_idx, self.val_idx))
+
+
+def load_data(cfg: C.TrainConfig, dist: Dist, log: Callable[[str], None]) -> TrainData:
+    """The packed data set and the train / validation / test conformer indices (same on every
+    rank). Validation: ``data.val_sources`` where given, else a split of ``data.sources``."""
+    train_srcs = C.source_dicts(cfg.data)
+    val_srcs = C.source_dicts(cfg.data, "val_sources")
+    test_srcs = C.source_dicts(cfg.data, "test_sources")
+    for name, held in (("val_sources", val_srcs), ("test_sources", test_srcs)):
+        for n, s in enumerate(held):
+            if s in train_srcs:
+                raise ConfigError(f"data.{name}.{n}: {s.get('path')} is also in data.sources; "
+                                  f"held-out data must not be trained on")
     # Rank 0 builds any cache first so ranks never write the same file at once.
     if not dist.is_main:
         dist.barrier()
-    ds = D.load_dataset(sources, cache_dir=cfg.data.cache_dir)
+    ds = D.load_dataset(train_srcs + val_srcs + test_srcs, cache_dir=cfg.data.cache_dir)
     if dist.is_main:
         dist.barrier()
-    if cfg.data.split == "group":
-        train_idx, val_idx = D.split(ds, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    source = np.asarray(ds.source, np.int64)
+    n_tr, n_va = len(train_srcs), len(val_srcs)
+    trainable = np.flatnonzero(source < n_tr)
+    test_idx = np.flatnonzero(source >= n_tr + n_va)
+    if val_srcs:
+        train_idx, val_idx = trainable, np.flatnonzero((source >= n_tr) & (source < n_tr + n_va))
+    elif cfg.data.split == "group":
+        train_idx, val_idx = D.split(ds, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed,
+                                     indices=trainable)
     else:
         rng = np.random.default_rng(cfg.data.split_seed)
-        perm = rng.permutation(int(ds.n_conf))
+        perm = rng.permutation(trainable)
         n_val = max(1, int(round(cfg.data.val_fraction * len(perm))))
         train_idx, val_idx = np.sort(perm[n_val:]), np.sort(perm[:n_val])
     train_idx, val_idx = np.asarray(train_idx, np.int64), np.asarray(val_idx, np.int64)
@@ -38,7 +68,11 @@ def load_data(cfg: C.TrainConfig, dist: Dist, log: Callable[[str], None]):
         n_va = max(1, int(round(frac * len(val_idx))))
         train_idx = np.sort(rng.choice(train_idx, n_tr, replace=False))
         val_idx = np.sort(rng.choice(val_idx, n_va, replace=False))
-    return ds, train_idx, val_idx
+    for role, idx in (("training", train_idx), ("validation", val_idx)):
+        if len(idx) == 0:
+            raise DataError(f"no {role} conformers: check data.sources"
+                            f"{', data.val_sources' if val_srcs else ' and data.val_fraction'}")
+    return TrainData(ds, train_idx, val_idx, np.asarray(test_idx, np.int64))
 
 
 def split_digest(train_idx: np.ndarray, val_idx: np.ndarray) -> str:

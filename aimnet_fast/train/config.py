@@ -51,6 +51,7 @@ Head = Literal["energy", "elmoments", "volume"]  # aimnet_fast.model.HEAD_SIZES
 Target = Literal["energy", "charges", "volumes"]
 Layout = Literal["ani1x", "ani1", "06r", "ani2x", "aimnet2", "spice", "auto"]  # readers.LAYOUTS
 Convention = Literal["force", "gradient"]
+Progress = Literal["auto", "bar", "lines"]
 Per = Literal["atom", "conformer"]
 
 
@@ -107,15 +108,25 @@ class DataConfig:
     mols_per_batch: int = 16
     atoms_per_batch: Optional[int] = None
     val_mols_per_batch: Optional[int] = None
+    #: Held-out sources, in the form of ``sources``. With ``val_sources`` the run validates on them
+    #: and trains on all of ``sources`` (``val_fraction`` and ``split`` are then unused); without,
+    #: it validates on a split of ``sources``. ``test_sources`` are never seen in training: the
+    #: test report at the end of the run (``test_metrics.json``) is computed on them.
+    val_sources: Optional[list[SourceConfig]] = None
+    test_sources: Optional[list[SourceConfig]] = None
 
 
-def source_dicts(data: DataConfig) -> list[dict]:
-    """The sources of ``data`` as dicts for ``aimnet_fast.data.load_dataset`` (the embedded default
-    data set where ``data.sources`` is None)."""
-    if data.sources is None:
+def source_dicts(data: DataConfig, which: str = "sources") -> list[dict]:
+    """The sources of ``data`` (``which``: "sources", "val_sources" or "test_sources") as dicts
+    for ``aimnet_fast.data.load_dataset``; for "sources", the embedded default data set where
+    ``data.sources`` is None; for the held-out ones, [] where they are None."""
+    srcs = getattr(data, which)
+    if srcs is None:
+        if which != "sources":
+            return []
         from ..data import default_sources
         return default_sources()
-    return [s.as_dict() if isinstance(s, SourceConfig) else dict(s) for s in data.sources]
+    return [s.as_dict() if isinstance(s, SourceConfig) else dict(s) for s in srcs]
 
 
 @dataclass
@@ -171,6 +182,12 @@ class ScheduleConfig:
     threshold: float = 0.0
     #: A phase stops when the lr falls below this floor (0: never).
     min_lr: float = 1e-5
+    #: Early stopping: a phase stops once this many epochs in a row have not improved its best
+    #: validation loss (0: never).
+    early_stopping: int = 0
+    #: After each cold restart (the start of every phase: fresh optimizer moments), the lr rises
+    #: linearly from lr/warmup_steps to lr over this many steps (0: no warm-up).
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -180,6 +197,19 @@ class PhaseConfig:
     #: Zero the last layer of update_mlp at the start of the phase (the T=1 → T=3 switch:
     #: the extra passes then start as identity and predictions are unchanged).
     zero_update: bool = False
+    #: With ``max_time``: the phase ends (at the latest) once the run has used this fraction of
+    #: the budget since the end of the previous phases with a fraction, so that a budgeted run
+    #: reaches every phase; e.g. 0.4 and 0.6. ``epochs`` still bounds the phase.
+    time_fraction: Optional[float] = None
+
+
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the trainable weights: w_ema ← decay·w_ema + (1−decay)·w
+    after every optimizer step. Validation, ``best.pt``, ``last.pt`` and the test report use the
+    averaged weights (the raw ones are in ``last.pt`` too, for an exact resume). At each new phase
+    the raw weights start from the averaged ones."""
+    decay: float = 0.0           # 0: off; typical 0.99–0.999
 
 
 def _default_curriculum() -> list:
@@ -206,9 +236,16 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     curriculum: list[PhaseConfig] = field(default_factory=_default_curriculum)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    #: Wall-clock budget of the run over all restarts, e.g. "90s", "45m", "2h", "1h30m" or a
+    #: number of seconds: the run then stops cleanly (checkpoint, test report). None: no budget.
+    max_time: Optional[str] = None
     #: Train at most this many steps per epoch (None: the whole epoch); for tests and benchmarks.
     max_steps_per_epoch: Optional[int] = None
     log_every: int = 10
+    #: "bar": a live progress bar per epoch (tqdm); "lines": a plain line every ``log_every``
+    #: steps; "auto": the bar on a terminal outside torchrun, lines otherwise.
+    progress: Progress = "auto"
     #: Also write ``last.pt`` every this many steps within an epoch (0: at the end of epochs only).
     checkpoint_every: int = 0
     #: Stop after this many consecutive steps with a NaN/inf loss or gradient.
@@ -310,13 +347,56 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     return obj
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(h|m|s)")
+_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(value) -> float:
+    """Seconds of a duration: a number (seconds) or e.g. "90s", "45m", "2h", "1h30m", "1.5h"."""
+    text = str(value).strip().lower().replace(" ", "")
+    try:
+        seconds = float(text)
+    except ValueError:
+        pos, seconds = 0, 0.0
+        for m in _DURATION.finditer(text):
+            if m.start() != pos:
+                break
+            seconds += float(m.group(1)) * _SECONDS[m.group(2)]
+            pos = m.end()
+        if pos != len(text) or not text:
+            raise ConfigError(f"max_time: {value!r} is not a duration (e.g. 90s, 45m, 2h, 1h30m, "
+                              f"or seconds)") from None
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ConfigError(f"max_time: {value!r} must be a positive, finite duration")
+    return seconds
+
+
 def validate(cfg: TrainConfig) -> None:
     """The checks that span fields or values (types and choices are OmegaConf's)."""
     if not cfg.curriculum:
         raise ConfigError("curriculum: at least one phase is needed")
+    fractions = 0.0
     for n, ph in enumerate(cfg.curriculum):
         if ph.n_pass < 1 or ph.epochs < 0:
             raise ConfigError(f"curriculum.{n}: n_pass must be ≥ 1 and epochs ≥ 0")
+        if ph.time_fraction is not None:
+            if not 0 < ph.time_fraction <= 1:
+                raise ConfigError(f"curriculum.{n}.time_fraction: {ph.time_fraction} is not in (0, 1]")
+            if cfg.max_time is None:
+                raise ConfigError(f"curriculum.{n}.time_fraction needs a budget: set max_time")
+            fractions += ph.time_fraction
+    if fractions > 1 + 1e-9:
+        raise ConfigError(f"curriculum: the time fractions add up to {fractions:g} > 1")
+    if cfg.max_time is not None:
+        parse_duration(cfg.max_time)
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr: {cfg.optim.lr} must be > 0")
+    if not 0 <= cfg.ema.decay < 1:
+        raise ConfigError(f"ema.decay: {cfg.ema.decay} must be in [0, 1) (0: off)")
+    if cfg.schedule.warmup_steps < 0 or cfg.schedule.early_stopping < 0:
+        raise ConfigError("schedule: warmup_steps and early_stopping must be ≥ 0")
+    if cfg.data.val_sources is not None and not cfg.data.val_sources:
+        raise ConfigError("data.val_sources: an empty list; give sources or leave it unset")
     if not (0 < cfg.schedule.factor < 1 and cfg.schedule.patience >= 1):
         raise ConfigError("schedule: factor must be in (0, 1) and patience ≥ 1")
     if cfg.data.mols_per_batch < 1:

@@ -114,15 +114,16 @@ class Metrics:
     loss of all of it (the same formula as ``loss_fn`` with N_p = all labels seen).
 
     ``sums`` is a flat float64 tensor (all-reduce it over ranks before ``summary()``);
-    ``summary()`` gives ``{f"{target}_mae_p{t}": ..., f"{target}_rmse_p{t}": ..., "loss": ...}``
-    with t = 1..T (``_last`` for forces).
+    ``summary()`` gives ``{f"{target}_mae_p{t}": ..., f"{target}_rmse_p{t}": ..., "loss": ...,
+    "loss_last": ...}`` with t = 1..T (``_last`` for forces); ``loss_last`` is the loss of the
+    last pass alone (the model's prediction), comparable between phases of different T.
     """
 
     def __init__(self, targets: list[str], n_pass: int, cfg: LossConfig, device="cpu"):
         self.targets = list(targets)
         self.weights = target_weights(cfg)
         self.passes = {t: (1 if t == "forces" else n_pass) for t in self.targets}
-        size = sum(2 * self.passes[t] + 2 for t in self.targets)
+        size = sum(2 * self.passes[t] + 3 for t in self.targets)
         self.sums = torch.zeros(size, dtype=torch.float64, device=device)
 
     @torch.no_grad()
@@ -138,12 +139,14 @@ class Metrics:
             self.sums[pos + T:pos + 2 * T] += (u ** 2).sum(dim=1)
             self.sums[pos + 2 * T] += mask.sum()
             rl = r / batch.mol_sizes.to(r.dtype) if t == "energy" else r
-            self.sums[pos + 2 * T + 1] += (rl ** 2).sum(dim=1).mean()
-            pos += 2 * T + 2
+            sq = (rl ** 2).sum(dim=1)
+            self.sums[pos + 2 * T + 1] += sq.mean()
+            self.sums[pos + 2 * T + 2] += sq[-1]
+            pos += 2 * T + 3
 
     def summary(self) -> dict[str, float]:
         s = self.sums.cpu().tolist()
-        out, pos, loss = {}, 0, 0.0
+        out, pos, loss, loss_last = {}, 0, 0.0, 0.0
         for t in self.targets:
             T = self.passes[t]
             n = max(s[pos + 2 * T], 1.0)
@@ -152,6 +155,7 @@ class Metrics:
                 out[f"{t}_mae_{tag}"] = s[pos + p] / n
                 out[f"{t}_rmse_{tag}"] = (s[pos + T + p] / n) ** 0.5
             loss += self.weights[t] * s[pos + 2 * T + 1] / n
-            pos += 2 * T + 2
-        out["loss"] = loss
+            loss_last += self.weights[t] * s[pos + 2 * T + 2] / n
+            pos += 2 * T + 3
+        out["loss"], out["loss_last"] = loss, loss_last
         return out

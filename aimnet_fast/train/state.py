@@ -34,7 +34,13 @@ class RunState:
     global_step: int = 0           # steps taken in the run
     bad_steps: int = 0             # steps skipped for a non-finite loss or gradient
     consecutive_bad: int = 0
-    best_val: float = math.inf     # best validation loss of this phase
+    best_val: float = math.inf     # best validation loss of this phase (the schedule's measure)
+    stale_epochs: int = 0          # epochs in a row without a new best_val (early stopping)
+    phase_step: int = 0            # steps taken in this phase (the warm-up)
+    best_pred: float = math.inf    # best validation loss of the prediction (last pass): best.pt
+    phase_best_pred: float = math.inf   # the same within this phase: best_phase<n>.pt
+    best_epoch: int = 0            # global epoch (1-based) of best.pt
+    stopped: str = ""              # why the run ended early: "max_time" (a resume may go on)
     train_loss_sum: float = 0.0    # sum and count of the good steps' losses in this epoch
     train_steps: int = 0
     elapsed_s: float = 0.0         # training time up to the last save, over all restarts
@@ -43,6 +49,7 @@ class RunState:
     def start_phase(self, n: int) -> None:
         self.phase, self.phase_started, self.epoch, self.step = n, True, 0, 0
         self.best_val, self.train_loss_sum, self.train_steps = math.inf, 0.0, 0
+        self.stale_epochs, self.phase_step, self.phase_best_pred = 0, 0, math.inf
 
     def end_epoch(self) -> None:
         self.epoch += 1

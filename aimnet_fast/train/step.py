@@ -3,10 +3,12 @@ optimizer step unless some rank saw a non-finite loss or gradient (that decision
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from .. import ops
 from ..batch import Batch
 from . import config as C
 from .dist import Dist
@@ -18,27 +20,39 @@ class StepResult:
     loss: float          # loss of the global batch
     ok: bool             # False: non-finite loss or gradient on some rank, the step was skipped
     n_mol: int           # molecules in the global batch
+    n_atoms: int = 0     # atoms in the global batch
+    stop: bool = False   # some rank asked the run to stop after this step (``stop_vote``)
+    flop: float = 0.0    # this rank's counted FLOPs (with ``count_flop``)
 
 
 def forward(model: nn.Module, batch: Batch, n_pass: int, need_forces: bool,
-            create_graph: bool = True):
+            create_graph: bool = True, neighbors=None):
     """Model outputs for a batch, and −dE/dR (N, 3) Hartree/Å if ``need_forces``."""
     coord = batch.coord
     if need_forces:
         coord = coord.detach().requires_grad_(True)
-    out = model(batch.numbers, coord, batch.mol_idx, batch.n_mol, n_pass=n_pass)
+    out = model(batch.numbers, coord, batch.mol_idx, batch.n_mol, n_pass=n_pass, neighbors=neighbors)
     forces = predicted_forces(out, coord, create_graph=create_graph) if need_forces else None
     return out, forces
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                loss_cfg: C.LossConfig, targets: list[str], n_pass: int, dist: Dist,
-               grad_clip: float = 0.0) -> StepResult:
+               grad_clip: float = 0.0, lr_scale: float = 1.0, stop_vote: bool = False,
+               count_flop: Optional[Callable] = None) -> StepResult:
     """Forward, loss, backward (DDP averages the gradients), and an optimizer step unless the loss
     or a gradient is NaN/inf on any rank: that decision is all-reduced, so every rank skips alike
-    and non-finite numbers never reach the weights."""
+    and non-finite numbers never reach the weights. ``lr_scale`` multiplies the lr of this step
+    only (the warm-up). ``stop_vote`` rides on the same all-reduce: ``StepResult.stop`` is true on
+    every rank if any rank voted (a time budget ends all ranks at the same step). With
+    ``count_flop(neighbors, n_atoms) -> float`` the neighbor lists are built here, once, so that
+    the step's work can be counted (``StepResult.flop``)."""
     optimizer.zero_grad(set_to_none=True)
-    out, forces = forward(model, batch, n_pass, "forces" in targets)
+    nb, flop = None, 0.0
+    if count_flop is not None:
+        nb = ops.build_neighbors(batch.coord, batch.mol_idx, getattr(model, "module", model).backend)
+        flop = float(count_flop(nb, batch.n_atoms))
+    out, forces = forward(model, batch, n_pass, "forces" in targets, neighbors=nb)
     loss = loss_fn(out, batch, loss_cfg, targets, forces,
                    reduce_counts=dist.all_reduce_sum if dist.active else None,
                    world_size=dist.world_size)
@@ -47,13 +61,23 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     finite = torch.isfinite(loss.detach())
     if grads:
         finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-    flags = torch.stack([loss.detach() / dist.world_size, (~finite).to(torch.float64),
-                         torch.tensor(float(batch.n_mol), dtype=torch.float64, device=loss.device)])
+    host = torch.tensor([float(batch.n_mol), float(batch.n_atoms), float(stop_vote)],
+                        dtype=torch.float64, device=loss.device)
+    flags = torch.cat([torch.stack([loss.detach() / dist.world_size, (~finite).to(torch.float64)]), host])
     flags = dist.all_reduce_sum(flags).tolist()
-    if flags[1] > 0:
+    res = StepResult(flags[0], flags[1] == 0, int(flags[2]), int(flags[3]), flags[4] > 0, flop)
+    if not res.ok:
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(flags[0], False, int(flags[2]))
+        return res
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
-    optimizer.step()
-    return StepResult(flags[0], True, int(flags[2]))
+    if lr_scale != 1.0:
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] = g["lr"] * lr_scale
+        optimizer.step()
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+    else:
+        optimizer.step()
+    return res

@@ -40,6 +40,8 @@ lines, metrics.csv, plot, TensorBoard).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
 import time
 from datetime import datetime, timezone
@@ -51,10 +53,13 @@ import torch
 from torch import nn
 
 from .. import data as D
+from .. import flops
 from ..errors import AIMNetError, CheckpointError, TrainingError, report
 from . import config as C
+from ..units import HARTREE_TO_KCALMOL
 from .batches import device_batches, load_data, split_digest, val_batches
 from .dist import Dist, process_settings, setup_distributed, teardown
+from .ema import EMA
 from .loss import Metrics, active_targets
 from .model_setup import build_model, place, zero_last_update_layer
 from .optim import make_optimizer
@@ -78,11 +83,15 @@ class Trainer:
         self.ckpt_last, self.ckpt_best = self.run_dir / "last.pt", self.run_dir / "best.pt"
         if cfg.resume and not self.ckpt_last.exists():
             raise TrainingError(f"resume: no checkpoint {self.ckpt_last}")
+        self.budget_s = C.parse_duration(cfg.max_time) if cfg.max_time is not None else None
         self.log = RunLog(self.run_dir, self.dist.is_main, out if out is not None else sys.stdout,
-                          plot=cfg.plot, tensorboard=cfg.tensorboard)
+                          plot=cfg.plot, tensorboard=cfg.tensorboard, progress=cfg.progress,
+                          log_every=cfg.log_every)
 
         self.model = place(build_model(cfg, self.log.info), self.dist.device, self.dtype)
-        self.ds, self.train_idx, self.val_idx = load_data(cfg, self.dist, self.log.info)
+        data = load_data(cfg, self.dist, self.log.info)
+        self.ds, self.train_idx, self.val_idx, self.test_idx = (data.ds, data.train_idx, data.val_idx,
+                                                                data.test_idx)
         labels = set(self.ds.labels.keys())
         self.targets = active_targets(cfg.loss, self.model.heads.keys(), labels)
         if not self.targets:
@@ -97,6 +106,8 @@ class Trainer:
             sae = D.fit_sae(self.ds, elements=self.model.elements, indices=self.train_idx)
             with torch.no_grad():
                 self.model.sae_Ha.copy_(torch.as_tensor(np.asarray(sae, np.float64)))
+        # After the SAE fit and init_from: the average starts at the weights training starts from.
+        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.decay > 0 else None
         self.ddp = self.model
         if self.dist.active:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -110,8 +121,11 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------
     def fit(self) -> dict:
-        """Train every phase of the curriculum (or what a resumed run has left); returns the
-        metrics row of the last epoch."""
+        """Train every phase of the curriculum (or what a resumed run has left), then report on
+        the held-out sets with ``best.pt``; returns the metrics row of the last epoch.
+
+        A phase ends after its epochs, when its lr falls below the floor, by early stopping, or
+        at its share of ``max_time``; the run ends after the last phase or at ``max_time``."""
         cfg, st = self.cfg, self.state
         if cfg.resume:
             self.restore()
@@ -119,86 +133,150 @@ class Trainer:
         elif self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(C.dump_yaml(cfg))
         self._announce()
+        try:
+            last_row = self.train_phases()
+            self.final_report()
+            files = ", ".join(str(p) for p in (self.ckpt_last, self.ckpt_best,
+                                               self.run_dir / "test_metrics.json") if p.exists())
+            self.log.info(f"done in {self.elapsed():.0f} s{' (max_time reached)' if st.stopped else ''}; "
+                          f"{st.bad_steps} steps skipped; wrote {files}")
+            return last_row
+        finally:
+            self.log.close()      # also closes a progress bar that an error left open
+
+    def train_phases(self) -> dict:
+        """The phases of the curriculum from where the run stands; the last epoch's metrics row."""
+        cfg, st = self.cfg, self.state
         last_row: dict = {}
-        while st.phase < len(cfg.curriculum):
+        while st.phase < len(cfg.curriculum) and not st.stopped:
             ph = cfg.curriculum[st.phase]
             if not st.phase_started:
                 self.start_phase(st.phase)
-            while st.epoch < ph.epochs and not self.schedule.below_floor:
-                self.train_epoch(ph)
+            why = self._phase_end(ph, cut=False)
+            while why is None:
+                cut = self.train_epoch(ph)
                 last_row = self.end_epoch(ph)
-            if self.schedule.below_floor:
-                self.log.info(f"phase {st.phase + 1}: lr {self.schedule.lr:.3g} below the floor "
-                              f"{cfg.schedule.min_lr:.3g}; phase done")
-            st.end_phase()
-        self.log.close()
-        self.log.info(f"done in {self.elapsed():.0f} s; {st.bad_steps} steps skipped; checkpoints "
-                      f"{self.ckpt_last} and {self.ckpt_best}")
+                why = self._phase_end(ph, cut)
+            self.log.info(f"phase {st.phase + 1}: {why}")
+            if why.startswith("max_time"):
+                st.stopped = "max_time"
+                self.save()
+            else:
+                st.end_phase()
         return last_row
 
     def start_phase(self, n: int) -> None:
-        """Cold restart: fresh optimizer moments and lr; the T=1 → T=3 switch zeroes the last
-        update_mlp layer first (``zero_update``)."""
+        """Cold restart: fresh optimizer moments and lr (with the warm-up ahead); the raw weights
+        start from the average (with EMA); the T=1 → T=3 switch zeroes the last update_mlp layer
+        (``zero_update``)."""
         ph = self.cfg.curriculum[n]
+        if self.ema is not None:
+            self.ema.copy_to_weights()
         if ph.zero_update:
             zero_last_update_layer(self.model)
+        if self.ema is not None:
+            self.ema.reset()
         self._new_optimizer(n)
         self.state.start_phase(n)
+        budget = ""
+        if self.budget_s is not None:
+            budget = f", until {self._deadline(n):.0f} s of the {self.budget_s:.0f} s budget"
+        warm = self.cfg.schedule.warmup_steps
         self.log.info(f"== phase {n + 1}/{len(self.cfg.curriculum)}: T={ph.n_pass}, up to {ph.epochs} "
-                      f"epochs{', update_mlp last layer zeroed' if ph.zero_update else ''}; optimizer "
-                      f"{self.opt_desc}, lr {self.schedule.lr:.3g}")
+                      f"epochs{budget}{', update_mlp last layer zeroed' if ph.zero_update else ''}; "
+                      f"optimizer {self.opt_desc}, lr {self.schedule.lr:.3g}"
+                      f"{f' after a {warm}-step warm-up' if warm else ''}")
 
-    def train_epoch(self, ph: C.PhaseConfig) -> None:
+    def train_epoch(self, ph: C.PhaseConfig) -> bool:
         """Train one epoch (or the rest of one after a resume: the sampler continues from its
         position, which equals ``state.step``), at most ``max_steps_per_epoch`` steps; ``last.pt``
-        every ``checkpoint_every`` steps."""
+        every ``checkpoint_every`` steps. Returns True if the time budget cut the epoch short."""
         cfg, st = self.cfg, self.state
         n_steps = len(self.train_sampler)
         if cfg.max_steps_per_epoch is not None:
             n_steps = min(n_steps, cfg.max_steps_per_epoch)
         batches = device_batches(self.ds, iter(self.train_sampler), n_steps - st.step,
                                  self.dist.device, self.dtype)
-        t_last, mols = time.time(), 0
+        deadline, warm = self._deadline(st.phase), cfg.schedule.warmup_steps
+        self.log.epoch_begin(phase=st.phase, n_pass=ph.n_pass, epoch=st.epoch, epochs=ph.epochs,
+                             n_steps=n_steps, start_step=st.step)
+        t_last, cut = time.time(), False
+        count_flop, peak = None, None
+        if self.dist.device.type == "cuda" and "forces" not in self.targets:
+            # MFU: FLOPs from the model's own layer sizes over a measured matrix-product peak
+            # (the force loss's double backward is not counted, so no MFU with forces).
+            prec = getattr(self.model, "precision", "ieee")
+            tf32 = None                 # the torch backend follows torch's own matmul setting
+            if self.model.backend != "torch" and self.dtype == torch.float32:
+                tf32 = prec == "tf32"   # the Triton kernels follow the model's precision
+            peak = flops.measured_peak_flops(
+                self.dist.device, torch.bfloat16 if prec == "bf16" else self.dtype, tf32=tf32)
+            def count_flop(nb, n_atoms, n_pass=ph.n_pass):  # noqa: E306
+                return flops.count_batch(self.model, nb, n_atoms, n_pass).train_flop
         for batch in batches:
+            scale = min(1.0, (st.phase_step + 1) / warm) if warm else 1.0
             res = train_step(self.ddp, self.optimizer, batch, cfg.loss, self.targets, ph.n_pass,
-                             self.dist, cfg.optim.grad_clip)
+                             self.dist, cfg.optim.grad_clip, lr_scale=scale,
+                             stop_vote=self.elapsed() >= deadline, count_flop=count_flop)
             st.step += 1
             st.global_step += 1
-            mols += res.n_mol
+            st.phase_step += 1
             if res.ok:
                 st.consecutive_bad = 0
                 st.train_loss_sum += res.loss
                 st.train_steps += 1
+                if self.ema is not None:
+                    self.ema.update()
             else:
                 self._skipped_step(res.loss)
-            if st.step % cfg.log_every == 0 or st.step == n_steps:
-                now = time.time()
-                self.log.step(phase=st.phase, n_pass=ph.n_pass, epoch=st.epoch, epochs=ph.epochs,
-                              step=st.step, n_steps=n_steps, loss=res.loss, lr=self.schedule.lr,
-                              mols_per_s=mols / max(now - t_last, 1e-9), global_step=st.global_step)
-                t_last, mols = now, 0
+            now = time.time()
+            dt, t_last = max(now - t_last, 1e-9), now
+            self.log.step(phase=st.phase, n_pass=ph.n_pass, epoch=st.epoch, epochs=ph.epochs,
+                          step=st.step, n_steps=n_steps, loss=res.loss, lr=self.schedule.lr * scale,
+                          mols_per_s=res.n_mol / dt, atoms_per_s=res.n_atoms / dt,
+                          global_step=st.global_step, run_left_s=self._time_left(),
+                          mfu=res.flop / dt / peak if peak else None)
+            if res.stop:
+                cut = True
+                break
             if (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0 and st.step < n_steps
                     and st.consecutive_bad == 0):  # keep the last good checkpoint good
                 self.save()
+        self.log.epoch_end()
+        return cut
 
     def end_epoch(self, ph: C.PhaseConfig) -> dict:
-        """Validate, step the schedule, save ``last.pt`` (and ``best.pt``), log the epoch."""
+        """Validate, step the schedule, save ``last.pt`` (and ``best.pt``, ``best_phase<n>.pt``),
+        log the epoch.
+
+        ``best.pt`` holds the weights with the lowest validation loss of the prediction (the last
+        pass, ``loss_last``) over the whole run, so a T=3 phase that never beats the T=1 model
+        leaves the T=1 model there; ``best_phase<n>.pt`` the same within phase n. The schedule and
+        early stopping follow the phase's own loss (all passes, as trained)."""
         st = self.state
-        val = self.validate(ph.n_pass)
+        with self._averaged():
+            val = self.validate(ph.n_pass)
         train_loss = st.train_loss_sum / max(st.train_steps, 1)
         lr_used = self.schedule.lr
         self.schedule.step(val["loss"])
-        improved = val["loss"] < st.best_val
-        if improved:
-            st.best_val = val["loss"]
+        if val["loss"] < st.best_val:
+            st.best_val, st.stale_epochs = val["loss"], 0
+        else:
+            st.stale_epochs += 1
+        best = val["loss_last"] < st.best_pred
+        phase_best = val["loss_last"] < st.phase_best_pred
+        if best:
+            st.best_pred, st.best_epoch = val["loss_last"], st.global_epoch + 1
+        if phase_best:
+            st.phase_best_pred = val["loss_last"]
         st.end_epoch()
         self.train_sampler.set_epoch(st.global_epoch)  # the next epoch's order, from its start
         row = {"time_s": f"{self.elapsed():.1f}", "phase": st.phase + 1, "n_pass": ph.n_pass,
                "epoch": st.global_epoch, "lr": lr_used, "train_loss": train_loss,
-               "val_loss": val["loss"], "bad_steps": st.bad_steps}
-        self.save(best=improved)
+               "val_loss": val["loss"], "val_loss_last": val["loss_last"], "bad_steps": st.bad_steps}
+        self.save(best=best, phase_best=phase_best)
         self.log.epoch(row, val, self.targets, n_pass=ph.n_pass, phase_epoch=st.epoch, epochs=ph.epochs,
-                       improved=improved, elapsed_s=self.elapsed(), columns=self.columns)
+                       improved=best, elapsed_s=self.elapsed(), columns=self.columns)
         return row
 
     def validate(self, n_pass: int) -> dict:
@@ -213,9 +291,37 @@ class Trainer:
         m.sums = self.dist.all_reduce_sum(m.sums)
         return m.summary()
 
+    def final_report(self) -> dict:
+        """Errors of ``best.pt`` on the validation set and the test sources, per target, pass and
+        source in user units: printed, and written to ``test_metrics.json`` (rank 0)."""
+        from ..checkpoint import load_model
+        from ..evaluate import evaluate, format_report, write_report
+        path = self.ckpt_best if self.ckpt_best.exists() else self.ckpt_last
+        if not path.exists():
+            return {}
+        model = place(load_model(path, backend=self.cfg.backend), self.dist.device, self.dtype)
+        result = {"checkpoint": str(path), "best_epoch": self.state.best_epoch, "n_pass": model.n_pass}
+        for role, idx in (("validation", self.val_idx), ("test", self.test_idx)):
+            if len(idx):
+                rep = evaluate(model, self.ds, idx, device=self.dist.device, dtype=self.dtype,
+                               mols_per_batch=self.val_mols, dist=self.dist, name=str(path))
+                result[role] = rep
+                self.log.info(f"{role} set, {path.name} (epoch {self.state.best_epoch}, "
+                              f"T={model.n_pass}):\n{format_report(rep)}")
+        e = result.get("validation", {}).get("all", {}).get("energy", {})
+        mae = e.get(f"p{model.n_pass}", {}).get("mae")
+        if mae is not None and self.sae_baseline_kcal is not None:
+            result["validation_sae_baseline_energy_mae_kcal_mol"] = self.sae_baseline_kcal
+            self.log.info(f"validation energy MAE {mae:.3g} kcal/mol; the SAE alone: "
+                          f"{self.sae_baseline_kcal:.3g} kcal/mol ({mae / self.sae_baseline_kcal:.2f}×)")
+        if self.dist.is_main:
+            write_report(result, self.run_dir / "test_metrics.json")
+        return result
+
     # -- checkpoints ---------------------------------------------------------------------------
-    def save(self, best: bool = False) -> None:
-        """``last.pt`` (and ``best.pt``): weights and all a resume needs (rank 0 writes)."""
+    def save(self, best: bool = False, phase_best: bool = False) -> None:
+        """``last.pt`` (and ``best.pt``, ``best_phase<n>.pt``): the averaged weights where EMA is
+        on, and all a resume needs (rank 0 writes)."""
         st = self.state
         st.elapsed_s = self.elapsed()
         # The batches of this epoch used so far are the steps taken (a prefetching loader has
@@ -224,15 +330,29 @@ class Trainer:
         if self.dist.is_main:
             record = training_record(st, self.optimizer, self.schedule, config=C.to_dict(self.cfg),
                                      split=split_digest(self.train_idx, self.val_idx), targets=self.targets)
-            write_checkpoint(self.model, record, [self.ckpt_last] + ([self.ckpt_best] if best else []))
+            if self.ema is not None:
+                record["ema"] = self.ema.state_dict()
+            paths = [self.ckpt_last] + ([self.ckpt_best] if best else []) + \
+                ([self.run_dir / f"best_phase{st.phase + 1}.pt"] if phase_best else [])
+            with self._averaged():
+                write_checkpoint(self.model, record, paths)
         self.dist.barrier()
 
     def restore(self) -> None:
-        """Continue from ``last.pt``: weights, run state, sampler position, optimizer, schedule,
-        random state and the metrics rows it covers."""
+        """Continue from ``last.pt``: weights (and their average), run state, sampler position,
+        optimizer, schedule, random state and the metrics rows it covers."""
         path = self.ckpt_last
         state_dict, tr = read_checkpoint(path)
         self.model.load_state_dict(state_dict)
+        if self.ema is not None:
+            if "ema" in tr:
+                self.ema.load_state_dict(tr["ema"])
+            else:
+                self.ema.reset()
+                self.log.info(f"{path} has no weight average: it starts at the checkpoint's weights")
+        elif "ema" in tr:
+            self.model.load_state_dict({**state_dict, **tr["ema"]["raw"]})
+            self.log.info(f"{path} was trained with ema.decay={tr['ema']['decay']}; continuing without it")
         st = self.state = RunState.from_dict(tr["state"], source=str(path))
         if tr["split"] != split_digest(self.train_idx, self.val_idx):
             raise TrainingError(f"resume: the train/validation split of {path} differs from "
@@ -253,6 +373,8 @@ class Trainer:
             self.schedule.load_state_dict(tr["schedule"])
         restore_rng(tr["rng"])
         self._elapsed_base = st.elapsed_s
+        if st.stopped == "max_time" and (self.budget_s is None or st.elapsed_s < self.budget_s):
+            st.stopped = ""      # a bigger budget (or none) now: go on
         self.log.load_rows(up_to_epoch=st.global_epoch)
         self.log.info(f"resumed {path}: phase {st.phase + 1}, epoch {st.epoch + 1}, step {st.step}")
 
@@ -260,6 +382,42 @@ class Trainer:
     def elapsed(self) -> float:
         """Seconds of training over all restarts."""
         return self._elapsed_base + time.time() - self.t0
+
+    def _deadline(self, n: int) -> float:
+        """Elapsed seconds at which phase ``n`` ends at the latest: its share of ``max_time`` after
+        the earlier phases' shares (``time_fraction``), else the budget (inf without one)."""
+        if self.budget_s is None:
+            return math.inf
+        ph = self.cfg.curriculum[n]
+        if ph.time_fraction is None:
+            return self.budget_s
+        upto = sum(p.time_fraction or 0.0 for p in self.cfg.curriculum[:n + 1])
+        return min(self.budget_s, self.budget_s * upto)
+
+    def _time_left(self) -> Optional[float]:
+        return None if self.budget_s is None else max(self.budget_s - self.elapsed(), 0.0)
+
+    def _phase_end(self, ph: C.PhaseConfig, cut: bool) -> Optional[str]:
+        """Why the current phase ends now (None: it goes on). Rank 0 decides, every rank follows
+        (clocks differ by a little); ``cut``: the time budget ended the last epoch early."""
+        st, sc = self.state, self.cfg.schedule
+        why = None
+        if self.dist.is_main:
+            deadline = self._deadline(st.phase)
+            if cut or self.elapsed() >= deadline:
+                why = ("max_time reached" if deadline >= (self.budget_s or math.inf)
+                       else f"its share of max_time is used ({deadline:.0f} s)")
+            elif st.epoch >= ph.epochs:
+                why = f"{ph.epochs} epochs done"
+            elif self.schedule.below_floor:
+                why = f"lr {self.schedule.lr:.3g} below the floor {sc.min_lr:.3g}"
+            elif sc.early_stopping and st.stale_epochs >= sc.early_stopping:
+                why = f"early stopping: no better validation loss in {st.stale_epochs} epochs"
+        return self.dist.broadcast_object(why)
+
+    def _averaged(self):
+        """The block sees the averaged weights (EMA), or the raw ones without EMA."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def _new_optimizer(self, n: int) -> None:
         self.model.n_pass = self.cfg.curriculum[n].n_pass
@@ -293,16 +451,22 @@ class Trainer:
                       f"{n_tr}/{n_par} parameters train")
         self.log.info("SAE (Ha): " + ", ".join(f"Z={z} {e:.6f}" for z, e in
                                                zip(self.model.elements, self.model.sae_Ha.tolist())))
+        self.sae_baseline_kcal = None
+        if "energy" in self.ds.labels and len(self.val_idx):
+            rel = D.relative_energy(self.ds, self.model.sae_Ha.cpu().numpy(), self.val_idx,
+                                    elements=self.model.elements)
+            rel = rel[np.isfinite(rel)]
+            if rel.size:
+                self.sae_baseline_kcal = float(np.abs(rel).mean() * HARTREE_TO_KCALMOL)
+                self.log.info(f"validation energy MAE of the SAE alone (the baseline): "
+                              f"{self.sae_baseline_kcal:.3g} kcal/mol")
 
     def _run_dir(self) -> Path:
         cfg = self.cfg
         if cfg.run_dir:
             path = cfg.run_dir
         elif cfg.resume:
-            runs = sorted(p for p in Path("runs").glob("*") if (p / "last.pt").exists())
-            if not runs:
-                raise TrainingError("resume: no run_dir given and no runs/*/last.pt found")
-            path = str(runs[-1])
+            path = str(latest_run())
         else:
             path = f"runs/{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
         path = self.dist.broadcast_object(path)
@@ -321,6 +485,14 @@ def run(cfg: C.TrainConfig, dist: Optional[Dist] = None, out=None) -> dict:
 
 
 # -- the command line ------------------------------------------------------------------------------
+def latest_run(root: Path = Path("runs")) -> Path:
+    """The newest ``runs/*`` folder with a ``last.pt`` (by name: the names are UTC timestamps)."""
+    runs = sorted(p for p in root.glob("*") if (p / "last.pt").exists())
+    if not runs:
+        raise TrainingError(f"resume: no run_dir given and no {root}/*/last.pt found")
+    return runs[-1]
+
+
 def parse_args(argv, prog: str = "python -m aimnet_fast.train") -> C.TrainConfig:
     ap = argparse.ArgumentParser(
         prog=prog, description="Train AIMNet (one process, or many under torchrun).",
@@ -338,10 +510,13 @@ def parse_args(argv, prog: str = "python -m aimnet_fast.train") -> C.TrainConfig
         overrides.append("resume=true")
     cfg = C.load_config(files[0] if files else None, overrides)
     if cfg.resume:
-        # Continue with the run's own resolved config; command-line overrides still apply on top.
-        run_dir = cfg.run_dir
-        if run_dir and (Path(run_dir) / "config.yaml").exists():
-            cfg = C.load_config(Path(run_dir) / "config.yaml", overrides)
+        # Find the run folder first, then continue with the run's own resolved config (its
+        # curriculum, data, ...); command-line overrides still apply on top.
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else latest_run()
+        if (run_dir / "config.yaml").exists():
+            cfg = C.load_config(run_dir / "config.yaml", overrides + [f"run_dir={run_dir}"])
+        else:
+            cfg.run_dir = str(run_dir)
     return cfg
 
 

@@ -11,6 +11,7 @@ A checkpoint is a ``torch.save``d dict:
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -50,18 +51,36 @@ def checkpoint_dict(model: AIMNet, **extra) -> dict:
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}, **extra}
 
 
+def new_file_mode() -> int:
+    """The mode ``open`` gives a new file (0o666 less the umask); ``mkstemp`` gives 0o600."""
+    old = os.umask(0)
+    os.umask(old)
+    return 0o666 & ~old
+
+
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, then rename it into place: a crash
-    while writing never leaves a half-written file under ``path``."""
+    while writing never leaves a half-written file under ``path``. The object is serialized in
+    memory first, so that a full disk is an ``OSError`` (ENOSPC) of the write, not an error deep
+    inside torch's zip writer; the file gets the mode of any other new file (umask), not
+    ``mkstemp``'s 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)        # the rename itself on disk
+        finally:
+            os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

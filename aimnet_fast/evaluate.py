@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from .checkpoint import new_file_mode
 from .errors import AIMNetError, ConfigError, DataError, PredictError, report as report_error
 from .train.loss import TARGET_HEAD, predicted_forces, residuals
 from .units import REPORT_UNITS
@@ -296,6 +297,7 @@ def write_report(report: dict, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "w") as f:
             json.dump(report, f, indent=2, allow_nan=False)
             f.write("\n")

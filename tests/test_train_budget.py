@@ -71,6 +71,7 @@ def test_durations(text, seconds):
     (["optim.lr=-1"], "optim.lr"),
     (["ema.decay=1"], "ema.decay"),
     (["schedule.warmup_steps=-3"], "warmup_steps"),
+    (["curriculum.1.lr=0"], "curriculum.1.lr"),
 ])
 def test_bad_run_control_values_are_config_errors(overrides, words):
     with pytest.raises(ConfigError, match=None) as e:
@@ -160,6 +161,20 @@ def test_warmup_ramps_the_lr_after_every_cold_restart(tmp_path, monkeypatch):
     T.run(cfg_for(tmp_path, "curriculum.0.epochs=2", "curriculum.1.epochs=1", "schedule.warmup_steps=4"))
     ramp = [0.25, 0.5, 0.75, 1.0]
     assert scales == ramp + [1.0, 1.0] + ramp[:3]     # 3 steps per epoch; phase 2 starts again
+
+
+def test_a_phase_starts_at_its_own_lr(tmp_path):
+    trainer = T.Trainer(cfg_for(tmp_path, "curriculum.0.epochs=1", "curriculum.1.epochs=1",
+                                "curriculum.1.lr=2.5e-4"))
+    lrs = []
+    real = trainer.start_phase
+
+    def start(n):
+        real(n)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    trainer.start_phase = start
+    trainer.fit()
+    assert lrs == [1e-3, 2.5e-4]
 
 
 def test_lr_scale_is_one_step_at_the_scaled_lr():

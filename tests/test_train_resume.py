@@ -95,13 +95,10 @@ CRASH = textwrap.dedent("""
     import os, signal, sys, torch
     from aimnet_fast import checkpoint
     from aimnet_fast.model import AIMNet
-    real_save = torch.save
-    def dying_save(obj, f, *a, **k):
-        f.write(b"PK\\x03\\x04 half a checkpoint")   # some bytes reach the disk ...
-        f.flush()
-        os.kill(os.getpid(), signal.SIGKILL)          # ... then the process dies
+    def dying_fsync(fd):                              # the bytes are in the temporary file ...
+        os.kill(os.getpid(), signal.SIGKILL)          # ... then the process dies before the rename
     torch.manual_seed(1)
-    torch.save = dying_save
+    os.fsync = dying_fsync
     checkpoint.save_model(AIMNet(), sys.argv[1])
 """)
 

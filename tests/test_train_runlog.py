@@ -231,10 +231,11 @@ def test_learning_curve_png_for_t1_and_t3_phases(tmp_path):
     _check_figure(R.learning_curve_figure(log.rows))
     # After a resume the rows come from metrics.csv: strings, empty cells for the missing passes.
     log2 = RunLog(tmp_path, True, io.StringIO(), plot=True, tensorboard=False, progress="lines")
-    log2.load_rows(up_to_epoch=5)
+    cols = RunLog.columns(TARGETS, 3)
+    log2.restore_rows(None, 5, cols)
     assert log2.rows[0]["val_energy_mae_p3"] == "" and isinstance(log2.rows[0]["epoch"], str)
     _check_figure(R.learning_curve_figure(log2.rows))
-    log2.load_rows(up_to_epoch=1)
+    log2.restore_rows(None, 1, cols)
     fig = R.learning_curve_figure(log2.rows)   # one epoch of T=1: one pass per target
     assert [x.get_text() for x in fig.axes[0].get_legend().get_texts()] == ["pass 1"]
     log.close()

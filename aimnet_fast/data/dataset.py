@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .readers import iter_blocks, new_counts, normalize_source
+from .readers import SKIP_REASONS, iter_blocks, new_counts, new_label_counts, normalize_source
 
-CACHE_VERSION = 1
+#: 2: the read-time checks (close atoms, label ranges) and their counters (``skipped_close_atoms``,
+#: ``skipped_bad_label``, per label ``skipped``); caches of version 1 are rebuilt, not misread.
+CACHE_VERSION = 2
 _HEADER_BYTES = 128  # fixed .npy header length, rewritten with the final shape when the file closes
 
 
@@ -80,7 +82,8 @@ class PackedDataset:
     """
 
     def __init__(self, numbers, coord, conf_offsets, labels, group, source, sources, *,
-                 label_per, group_names, h5group, h5group_names, conf_index, counts):
+                 label_per, group_names, h5group, h5group_names, conf_index, counts,
+                 source_specs=None):
         self.numbers, self.coord, self.conf_offsets = numbers, coord, conf_offsets
         self.labels, self.group, self.source, self.sources = labels, group, source, list(sources)
         self.label_per = dict(label_per)          # name -> "atom" | "conformer"
@@ -88,6 +91,8 @@ class PackedDataset:
         self.h5group, self.h5group_names = h5group, list(h5group_names)
         self.conf_index = conf_index              # (C,) conformer index inside its HDF5 group
         self.counts = counts                      # per source: read/used/skipped and label counts
+        #: per source: the normalized source dict (layout, property keys and units), or None
+        self.source_specs = list(source_specs) if source_specs is not None else [None] * len(self.sources)
         self.n_atoms = np.diff(np.asarray(conf_offsets)).astype(np.int64)
 
     @property
@@ -104,34 +109,71 @@ class PackedDataset:
                 f":{int(self.conf_index[c])}")
 
     def summary_dict(self) -> dict:
-        """Totals over all sources: conformers read/used/skipped and, per label, conformers with the
-        label (``used``), masked because NaN, all-zero or absent, and atoms with the label."""
+        """Totals over all sources: conformers read/used/skipped (per reason, ``skipped_*``) and,
+        per label, conformers with the label (``used``), masked because NaN, all-zero or absent,
+        skipped because of it (infinite or out of range), and atoms with the label.
+        ``per_source``: the same counts for each source, with its ``path`` and ``layout``."""
         tot = {"sources": len(self.sources), "conformers": self.n_conf,
-               "atoms": int(self.conf_offsets[-1]), "groups": len(self.group_names), "labels": {}}
-        for c in self.counts:
+               "atoms": int(self.conf_offsets[-1]), "groups": len(self.group_names),
+               **{k: 0 for k in SKIP_REASONS}, "labels": {}}
+        per_source = []
+        for si, c in enumerate(self.counts):
+            spec = self.source_specs[si] if si < len(self.source_specs) else None
+            one = {"path": self.sources[si], "layout": spec["layout"] if spec else None,
+                   **{k: 0 for k in SKIP_REASONS}, "labels": {}}
             for k, v in c.items():
                 if k == "labels":
                     for n, lc in v.items():
-                        t = tot["labels"].setdefault(n, {k2: 0 for k2 in lc})
+                        t = tot["labels"].setdefault(n, new_label_counts())
+                        o = one["labels"].setdefault(n, new_label_counts())
                         for k2, v2 in lc.items():
-                            t[k2] += v2
+                            t[k2] = t.get(k2, 0) + v2
+                            o[k2] = o.get(k2, 0) + v2
+                        if spec and n in spec["properties"]:
+                            o["key"] = spec["properties"][n]["key"]
+                            o["unit"] = spec["properties"][n]["unit"]
                 elif isinstance(v, int):
                     tot[k] = tot.get(k, 0) + v
+                    one[k] = v
+            per_source.append(one)
         for t in tot["labels"].values():
             # conformers of sources that never declared the label count as absent
             t["absent"] += self.n_conf - sum(t[k] for k in ("used", "nan", "zero", "absent"))
+        tot["per_source"] = per_source
         return tot
 
     def summary(self) -> str:
+        """What was read, per source and per label: conformers read, used and skipped (by reason),
+        and per label used, masked (NaN, all-zero, absent) and skipped. Several lines; the trainer
+        prints it on rank 0 at start."""
         d = self.summary_dict()
-        lines = [f"{d['conformers']} conformers ({d['atoms']} atoms, {d['groups']} molecules/formulas) "
-                 f"from {d['sources']} source(s); read {d.get('conformers_read', 0)}, skipped: "
-                 f"{d.get('skipped_unknown_element', 0)} unknown element, "
-                 f"{d.get('skipped_bad_coord', 0)} bad coordinates, {d.get('skipped_charged', 0)} charged"]
-        for n, t in d["labels"].items():
-            atoms = f" ({t['atoms_used']} atoms)" if self.label_per.get(n) == "atom" else ""
-            lines.append(f"  {n}: used {t['used']} conformers{atoms}; missing: "
-                         f"{t['nan']} NaN, {t['zero']} all-zero, {t['absent']} absent")
+
+        def skipped(c):
+            n = sum(c.get(k, 0) for k in SKIP_REASONS)
+            return f"skipped {n}" + (" (" + ", ".join(
+                f"{c[k]} {what}" for k, what in SKIP_REASONS.items() if c.get(k, 0)) + ")" if n else "")
+
+        lines = [f"data: {d['conformers']} conformers ({d['atoms']} atoms, {d['groups']} "
+                 f"molecules/formulas) from {d['sources']} source(s); read "
+                 f"{d.get('conformers_read', 0)}, {skipped(d)}"]
+        for si, c in enumerate(d["per_source"]):
+            lay = f" [{c['layout']}]" if c.get("layout") else ""
+            lines.append(f"source {si}: {c['path']}{lay}: read {c.get('conformers_read', 0)} "
+                         f"conformers in {c.get('h5_groups', 0)} groups, used "
+                         f"{c.get('conformers_used', 0)}, {skipped(c)}")
+            for n, t in c["labels"].items():
+                atoms = f" ({t['atoms_used']} atoms)" if self.label_per.get(n) == "atom" else ""
+                key = (f" ({t['key']!r}, {t['unit']})" if "key" in t
+                       else " (not declared)" if c.get("layout") else "")
+                bad = f"; skipped {t['skipped']} (infinite or out of range)" if t.get("skipped") else ""
+                lines.append(f"  {n}{key}: used {t['used']} conformers{atoms}; masked: "
+                             f"{t['nan']} NaN, {t['zero']} all-zero, {t['absent']} absent{bad}")
+        if len(d["per_source"]) > 1:
+            lines.append("all sources:")
+            for n, t in d["labels"].items():
+                atoms = f" ({t['atoms_used']} atoms)" if self.label_per.get(n) == "atom" else ""
+                lines.append(f"  {n}: used {t['used']} conformers{atoms}; masked: {t['nan']} NaN, "
+                             f"{t['zero']} all-zero, {t['absent']} absent; skipped {t.get('skipped', 0)}")
         return "\n".join(lines)
 
     def __repr__(self):
@@ -238,7 +280,7 @@ def _build(srcs: list[dict], writer_factory) -> tuple[dict, dict]:
                     w["label_" + name].append(v)
             for name in spec:
                 if name not in src["properties"]:
-                    counts["labels"][name] = {"used": 0, "nan": 0, "zero": 0, "atoms_used": 0,
+                    counts["labels"][name] = {**new_label_counts(),
                                               "absent": counts["conformers_used"]}
             all_counts.append(counts)
     except BaseException:
@@ -265,7 +307,8 @@ def _from_arrays(arr: dict, meta: dict) -> PackedDataset:
                          arr["source"], [s["path"] for s in meta["sources"]],
                          label_per=meta["label_per"], group_names=meta["group_names"],
                          h5group=arr["h5group"], h5group_names=meta["h5group_names"],
-                         conf_index=arr["conf_index"], counts=meta["counts"])
+                         conf_index=arr["conf_index"], counts=meta["counts"],
+                         source_specs=meta["sources"])
 
 
 def _load_cached(folder: Path) -> PackedDataset:

@@ -20,12 +20,21 @@ Without ``properties`` the layout's defaults apply (``LAYOUTS[...]["defaults"]``
 
 Source options: ``coord_unit`` (layout default), ``skip_unknown_elements`` (skip and count conformers
 with elements outside ``elements`` instead of raising), ``skip_bad_conformers`` (same for NaN/inf
-coordinates), ``skip_charged`` (skip conformers whose total charge is not 0 or multiplicity not 1:
-from the group's ``charge``/``mult`` arrays, else from the rounded sum of the ``charges`` label),
+coordinates, atoms closer than 0.1 Å, and labels that are infinite or outside their physical range:
+see ``aimnet_fast.data.checks``), ``skip_charged`` (skip conformers whose total charge is not 0 or
+multiplicity not 1: from the group's ``charge``/``mult`` arrays, else from the rounded sum of the
+``charges`` label),
 ``elements`` (default: the model's H C N O S F Cl).
+
+An unknown key in a source or a property entry (``units`` for ``unit``) is a DataError naming it and
+the known ones.
 
 Stored units after reading: coordinates Å, energy Hartree (float64), forces Hartree/Å (true forces,
 float32), charges e, volumes bohr³; missing values NaN.
+
+Every conformer is checked while it is read (``checks``): a failed check is a DataError naming file,
+group and conformer (and atoms, property, value and unit), or a skip counted per reason in the
+summary (``PackedDataset.summary()``).
 """
 from __future__ import annotations
 
@@ -39,6 +48,7 @@ import numpy as np
 from .. import units
 from ..constants import ELEMENTS, PERIODIC_TABLE
 from ..errors import DataError
+from . import checks
 
 #: Unit name -> (dimension, factor to the stored unit).
 UNITS = units.FACTORS
@@ -91,6 +101,12 @@ LAYOUTS: dict[str, dict] = {
 }
 
 _COORD_KEYS = ("coordinates", "coord", "conformations")
+
+#: The keys a source dict and a property entry may have.
+SOURCE_KEYS = ("path", "layout", "properties", "coord_unit", "skip_unknown_elements",
+               "skip_bad_conformers", "skip_charged", "elements")
+PROPERTY_KEYS = ("key", "unit", "convention", "drop_last_column", "per", "zero_is_missing",
+                 "required")
 
 #: Conformer chunks are read so that one chunk holds about this many atoms (bounds the memory).
 CHUNK_ATOMS = 1 << 20
@@ -150,9 +166,12 @@ def detect_layout(path: str) -> str:
 
 def normalize_source(src: dict) -> dict:
     """Validate a source dict and fill every default; the result is JSON-able (cache key)."""
+    if not isinstance(src, dict):
+        raise DataError(f"a source must be a mapping (path, layout, properties, ...), got {src!r}")
     if "path" not in src:
         raise DataError("source without 'path'")
     path = os.path.abspath(os.fspath(src["path"]))
+    checks.check_keys(src, SOURCE_KEYS, f"the source of {path}", path)
     layout = src.get("layout", "auto") or "auto"
     if layout == "auto":
         layout = detect_layout(path)
@@ -165,12 +184,24 @@ def normalize_source(src: dict) -> dict:
     props_in = src.get("properties")
     if props_in is None:
         props_in = lay["defaults"]
+    if not isinstance(props_in, dict):
+        raise DataError(f"'properties' must map label names to entries, got {props_in!r}", path)
     props = {}
     for name, spec in props_in.items():
         if isinstance(spec, str):
             spec = {"key": spec}
+        if not isinstance(spec, dict):
+            raise DataError(f"property {name!r}: an entry must be a key or a mapping "
+                            f"({', '.join(PROPERTY_KEYS)}), got {spec!r}", path)
+        checks.check_keys(spec, PROPERTY_KEYS, f"property {name!r} of {path}", path)
         std = STANDARD.get(name)
         per = spec.get("per", std[0] if std else None)
+        if per not in (None, "atom", "conformer"):
+            raise DataError(f"property {name!r}: 'per' must be 'atom' or 'conformer', got {per!r}",
+                            path)
+        if std and per != std[0]:
+            raise DataError(f"property {name!r}: a standard label is per {std[0]}, not per {per}",
+                            path)
         unit = str(spec.get("unit", {"energy": "hartree", "force": "hartree/angstrom",
                                      "charge": "e", "volume": "bohr3"}.get(std[1]) if std else "1")).lower()
         if unit not in UNITS:
@@ -216,11 +247,22 @@ class Block:
     label_per: dict
 
 
+#: Reasons a conformer is skipped (counted per source, in this order of precedence).
+SKIP_REASONS = {"skipped_unknown_element": "unknown element", "skipped_bad_coord": "bad coordinates",
+                "skipped_close_atoms": "close atoms", "skipped_bad_label": "bad label",
+                "skipped_charged": "charged"}
+
+
+def new_label_counts() -> dict:
+    """Per label: conformers with it (``used``), masked because NaN, all-zero or absent, skipped
+    because of it (infinite or out of range), and atoms with it."""
+    return {"used": 0, "nan": 0, "zero": 0, "absent": 0, "skipped": 0, "atoms_used": 0}
+
+
 def new_counts(src: dict) -> dict:
     return {"conformers_read": 0, "conformers_used": 0, "h5_groups": 0,
-            "skipped_unknown_element": 0, "skipped_bad_coord": 0, "skipped_charged": 0,
-            "labels": {n: {"used": 0, "nan": 0, "zero": 0, "absent": 0, "atoms_used": 0}
-                       for n in src["properties"]}}
+            **{k: 0 for k in SKIP_REASONS},
+            "labels": {n: new_label_counts() for n in src["properties"]}}
 
 
 def _species_to_numbers(arr: np.ndarray, path: str, group: str) -> np.ndarray:
@@ -331,10 +373,33 @@ def _read_chunk(src, g, gname, c0, c1, nc, na, spec_all, cds, cfac, elements, pr
         counts["skipped_bad_coord"] += int(bad_xyz.sum())
         keep &= ~bad_xyz
 
+    close, first = checks.close_atoms(coord, keep)
+    if first is not None:
+        c, i, j, d = first
+        if not src["skip_bad_conformers"]:
+            raise DataError(checks.close_atoms_message(i, j, d, numbers[c]), path, gname, c0 + c)
+        counts["skipped_close_atoms"] += int(close.sum())
+        keep &= ~close
+
     labels, zeros, pers = {}, {}, {}
     for name, p in src["properties"].items():
         labels[name], zeros[name], pers[name] = _read_label(name, p, g, gname, sl, n, na, nc,
                                                             present[name], path)
+    # Infinite labels and labels outside their physical range (float64, stored units): an error
+    # naming the conformer, or skipped and counted per label.
+    for name, p in src["properties"].items():
+        if not present[name]:
+            continue
+        bad = checks.bad_label_rows(name, labels[name], numbers, pers[name]) & keep
+        if bad.any():
+            c = int(np.flatnonzero(bad)[0])
+            if not src["skip_bad_conformers"]:
+                raise DataError(checks.bad_label_message(name, {**p, "per": pers[name]},
+                                                         labels[name][c], numbers[c]),
+                                path, gname, c0 + c)
+            counts["labels"][name]["skipped"] += int(bad.sum())
+            counts["skipped_bad_label"] += int(bad.sum())
+            keep &= ~bad
 
     if src["skip_charged"]:
         charged = np.zeros(n, bool)
@@ -353,7 +418,8 @@ def _read_chunk(src, g, gname, c0, c1, nc, na, spec_all, cds, cfac, elements, pr
     if idx.size == 0:
         return None
     numbers = np.ascontiguousarray(numbers[idx])
-    labels = {k: v[idx] for k, v in labels.items()}
+    # to the stored dtype only now: values of skipped conformers may not fit it
+    labels = {k: v[idx].astype(np.dtype(src["properties"][k]["dtype"])) for k, v in labels.items()}
     for name, v in labels.items():
         c = counts["labels"][name]
         if not present[name]:
@@ -376,18 +442,18 @@ def _read_chunk(src, g, gname, c0, c1, nc, na, spec_all, cds, cfac, elements, pr
 
 
 def _read_label(name, p, g, gname, sl, n, na, nc, present, path):
-    """One property for conformers ``sl`` in stored units, NaN where missing.
+    """One property for conformers ``sl`` in stored units (float64; the caller casts to the stored
+    dtype after the range checks), NaN where missing.
 
     Returns (values, zero_rows (n,) bool, "atom" | "conformer"); rows that were all zero (now NaN)
     are flagged so that the summary counts them apart from NaN rows.
     """
-    dtype = np.dtype(p["dtype"])
     tail = tuple(p["tail"]) if p["tail"] is not None else None
     if not present:
         if p["per"] is None:
             raise DataError(f"property {name!r}: say 'per': 'atom' or 'conformer'", path, gname)
         shape = (n, na) + (tail or ()) if p["per"] == "atom" else (n,) + (tail or ())
-        return np.full(shape, np.nan, dtype), np.zeros(n, bool), p["per"]
+        return np.full(shape, np.nan, np.float64), np.zeros(n, bool), p["per"]
     ds = g[p["key"]]
     raw = np.asarray(_read(ds, sl, path, gname))
     per = p["per"]
@@ -423,4 +489,4 @@ def _read_label(name, p, g, gname, sl, n, na, nc, present, path):
         rows = val.reshape(n, -1)
         zero = (rows == 0).all(axis=1)
         rows[zero] = np.nan
-    return val.astype(dtype), zero, per
+    return val, zero, per

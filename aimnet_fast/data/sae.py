@@ -47,6 +47,13 @@ def fit_sae(ds, elements=ELEMENTS, indices=None, huber_k: float = 1.345, trim: f
     that occur in none of the fitted conformers get 0.0 (with a warning); when the compositions do
     not determine every SAE (e.g. only CH4, NH3, H2O), the minimum-norm solution is returned.
     """
+    return fit_sae_rows(ds, elements, indices, huber_k, trim, max_iter, stacklevel=3)[0]
+
+
+def fit_sae_rows(ds, elements=ELEMENTS, indices=None, huber_k: float = 1.345, trim: float = 6.0,
+                 max_iter: int = 50, stacklevel: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """``fit_sae`` and the distinct compositions it was fitted on: (sae (k,), rows (m, k) float64
+    element counts), for ``checks.check_sae_plausible`` (which SAE the compositions determine)."""
     elements = [int(z) for z in elements]
     idx = np.arange(ds.n_conf) if indices is None else np.asarray(indices, np.int64)
     if "energy" not in ds.labels:
@@ -76,7 +83,7 @@ def fit_sae(ds, elements=ELEMENTS, indices=None, huber_k: float = 1.345, trim: f
     if not present.all():
         warnings.warn("fit_sae: no data for " + ", ".join(
             PERIODIC_TABLE[z] for z, p in zip(elements, present) if not p) + "; their SAE is 0.0",
-            stacklevel=2)
+            stacklevel=stacklevel)
     xr = rows[:, present]
 
     def solve(w):
@@ -105,7 +112,7 @@ def fit_sae(ds, elements=ELEMENTS, indices=None, huber_k: float = 1.345, trim: f
     beta, _ = solve(keep)
     out = np.zeros(len(elements), np.float64)
     out[present] = beta
-    return out
+    return out, rows
 
 
 def relative_energy(ds, sae, indices=None, elements=ELEMENTS) -> np.ndarray:

@@ -102,7 +102,8 @@ class BatchSampler:
 
     ``set_epoch(e)`` reshuffles (seed and epoch give the order); ``state_dict``/``load_state_dict``
     hold the epoch and the steps already taken, to resume mid-epoch. The plan depends on the world
-    size, so a state resumes only with the world size (and index set) it was saved with.
+    size: a state saved with another one resumes by dealing the conformers the epoch has not used
+    yet to the new ranks (``segments`` records the parts trained with earlier world sizes).
     """
 
     def __init__(self, ds, indices=None, mols_per_batch: int = 380, atoms_per_batch: int | None = None,
@@ -119,15 +120,20 @@ class BatchSampler:
             raise ValueError(f"atoms_per_batch {atoms_per_batch} is below the largest conformer "
                              f"({self.sizes.max()} atoms)")
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, int(seed), rank, world_size
-        self.epoch, self.position = 0, 0
+        self.epoch, self.position, self.segments = 0, 0, []
         self._batches = self._plan(0)
 
-    def _plan(self, epoch: int) -> list[np.ndarray]:
-        n, w = self.indices.size, self.world_size
-        if self.shuffle:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-        else:
-            perm = np.arange(n)
+    def _perm(self, epoch: int) -> np.ndarray:
+        """The epoch's order: positions into ``indices``."""
+        n = self.indices.size
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def _deal_steps(self, perm: np.ndarray, world: int) -> np.ndarray:
+        """Steps of ``perm`` (positions into ``indices``) for ``world`` ranks: an array (steps,
+        ranks, width) of positions, -1 where a rank's batch is shorter."""
+        n, w = perm.size, world
+        if n == 0:
+            return np.zeros((0, w, 0), np.int64)
         if self.atoms_per_batch is None:
             g = w * self.mols_per_batch
             bounds = list(range(0, n, g)) + [n]
@@ -148,11 +154,28 @@ class BatchSampler:
         size = np.where(pos >= 0, self.sizes[np.maximum(pos, 0)], 0)
         order = np.argsort(-size, axis=1, kind="stable")
         pos = np.take_along_axis(pos, order, 1)
-        mine = np.where(_deal(np.take_along_axis(size, order, 1), w) == self.rank, pos, -1)
-        return [np.sort(self.indices[row[row >= 0]]) for row in mine]
+        rank = _deal(np.take_along_axis(size, order, 1), w)
+        out = np.full((len(segs), w, width), -1, np.int64)
+        for r in range(w):
+            out[:, r, :] = np.where(rank == r, pos, -1)
+        return out
+
+    def _plan(self, epoch: int, segments=()) -> list[np.ndarray | None]:
+        """This rank's batches of ``epoch``. ``segments``: [world size, steps] of the parts of the
+        epoch already trained with other world sizes (a resume on another number of ranks): the
+        conformers those steps used, on all their ranks, are taken out and the rest is dealt to
+        this run's ranks; the steps already taken are ``None``."""
+        remaining, done = self._perm(epoch), 0
+        for world, steps in segments:
+            used = self._deal_steps(remaining, int(world))[: int(steps)]
+            remaining = remaining[~np.isin(remaining, used[used >= 0])]
+            done += int(steps)
+        steps = self._deal_steps(remaining, self.world_size)
+        mine = [np.sort(self.indices[row[row >= 0]]) for row in steps[:, self.rank, :]]
+        return [None] * done + mine
 
     def set_epoch(self, epoch: int):
-        self.epoch, self.position = int(epoch), 0
+        self.epoch, self.position, self.segments = int(epoch), 0, []
         self._batches = self._plan(self.epoch)
 
     def __len__(self) -> int:
@@ -167,26 +190,29 @@ class BatchSampler:
 
     def state_dict(self, position: int | None = None) -> dict:
         """Epoch and position (batches of the epoch used so far; default: those yielded). A loader
-        that reads batches ahead of the steps passes the number of steps it has taken."""
+        that reads batches ahead of the steps passes the number of steps it has taken.
+        ``segments``: the parts of this epoch trained before with another world size."""
         return {"epoch": self.epoch, "position": self.position if position is None else int(position),
-                "seed": self.seed, "world_size": self.world_size, "n_indices": int(self.indices.size)}
+                "seed": self.seed, "world_size": self.world_size, "n_indices": int(self.indices.size),
+                "segments": [list(x) for x in self.segments]}
 
     def load_state_dict(self, state: dict, source: str = "-"):
         """Continue where ``state`` left off; ``source`` names where the state came from (a
-        checkpoint file) in the DataError raised for another world size or index set."""
-        if state["world_size"] != self.world_size:
-            raise DataError(f"the batch sampler state was saved by a run of world size "
-                            f"{state['world_size']}, this run has world size {self.world_size}: the "
-                            f"epoch's batches are dealt to the ranks, so resume with "
-                            f"{state['world_size']} process(es)", file=source)
+        checkpoint file) in a DataError. Saved with another world size, the rest of the epoch is
+        dealt again: every conformer of the epoch is still trained once (the new number of ranks
+        makes the steps' batch larger or smaller)."""
         if state["n_indices"] != self.indices.size:
             raise DataError(f"the batch sampler state is for {state['n_indices']} conformers, this "
                             f"run samples {self.indices.size}", file=source)
-        if not 0 <= int(state["position"]) <= len(self._plan(int(state["epoch"]))):
-            raise DataError(f"batch sampler position {state['position']} outside the epoch", file=source)
         self.seed = int(state["seed"])
-        self.set_epoch(state["epoch"])
-        self.position = int(state["position"])
+        epoch, position = int(state["epoch"]), int(state["position"])
+        segments = [list(x) for x in state.get("segments", [])]
+        if int(state["world_size"]) != self.world_size:
+            segments.append([int(state["world_size"]), position - sum(s for _, s in segments)])
+        batches = self._plan(epoch, segments)
+        if not 0 <= position <= len(batches):
+            raise DataError(f"batch sampler position {position} outside the epoch", file=source)
+        self.epoch, self.position, self.segments, self._batches = epoch, position, segments, batches
 
 
 def collate(ds, conf_idx) -> Batch:

@@ -46,6 +46,7 @@ def load_data(cfg: C.TrainConfig, dist: Dist, log: Callable[[str], None]) -> Tra
     ds = D.load_dataset(train_srcs + val_srcs + test_srcs, cache_dir=cfg.data.cache_dir)
     if dist.is_main:
         dist.barrier()
+        log(ds.summary())       # per source and label: read, used, masked, skipped
     source = np.asarray(ds.source, np.int64)
     n_tr, n_va = len(train_srcs), len(val_srcs)
     trainable = np.flatnonzero(source < n_tr)

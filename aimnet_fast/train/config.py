@@ -201,6 +201,9 @@ class PhaseConfig:
     #: the budget since the end of the previous phases with a fraction, so that a budgeted run
     #: reaches every phase; e.g. 0.4 and 0.6. ``epochs`` still bounds the phase.
     time_fraction: Optional[float] = None
+    #: The lr this phase starts at (None: ``optim.lr``); e.g. lower for the T=3 phase, which
+    #: starts from a converged T=1 model.
+    lr: Optional[float] = None
 
 
 @dataclass
@@ -227,6 +230,11 @@ class TrainConfig:
     dtype: DType = "float32"     # model parameters
     backend: Backend = "auto"    # model ops
     num_threads: Optional[int] = None
+    #: Bit-for-bit repeatable runs (and resumes): on the CPU one intra-op thread unless
+    #: ``num_threads`` says otherwise (the thread count fixes the order of parallel sums) and
+    #: torch's deterministic algorithms; on CUDA torch's deterministic algorithms (warning where an
+    #: op has none) and a fixed cuBLAS workspace. README, "Exact resumes", says when it holds.
+    deterministic: bool = False
     #: On the CPU, flush denormal floats to zero: the AEV Gaussians underflow into denormals, and
     #: arithmetic on them made a CPU training step ~50× slower.
     flush_denormal: bool = True
@@ -379,6 +387,8 @@ def validate(cfg: TrainConfig) -> None:
     for n, ph in enumerate(cfg.curriculum):
         if ph.n_pass < 1 or ph.epochs < 0:
             raise ConfigError(f"curriculum.{n}: n_pass must be ≥ 1 and epochs ≥ 0")
+        if ph.lr is not None and not ph.lr > 0:
+            raise ConfigError(f"curriculum.{n}.lr: {ph.lr} must be > 0")
         if ph.time_fraction is not None:
             if not 0 < ph.time_fraction <= 1:
                 raise ConfigError(f"curriculum.{n}.time_fraction: {ph.time_fraction} is not in (0, 1]")

@@ -2,7 +2,10 @@
 describes, and the process-wide torch settings a training process runs with."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,6 +45,14 @@ class Dist:
             return box[0]
         return obj
 
+    def gather_objects(self, obj) -> list:
+        """``obj`` of every rank, in rank order (``[obj]`` alone)."""
+        if self.active:
+            out = [None] * self.world_size
+            tdist.all_gather_object(out, obj)
+            return out
+        return [obj]
+
     def barrier(self) -> None:
         if self.active:
             tdist.barrier()
@@ -61,6 +72,8 @@ def setup_distributed(device: str = "auto") -> Dist:
     else:
         dev = torch.device(device)
     backend = None
+    if world > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
     if world > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if not tdist.is_initialized():
@@ -68,17 +81,40 @@ def setup_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world, local, dev, backend)
 
 
-def process_settings(num_threads: Optional[int], flush_denormal: bool, device: torch.device) -> None:
+def process_settings(num_threads: Optional[int], flush_denormal: bool, device: torch.device,
+                     deterministic: bool = False) -> None:
     """Process-wide settings of a training process (``main`` applies them; they outlive the run):
     torch's intra-op threads, and on the CPU flushing denormal floats to zero (the AEV Gaussians
     underflow into denormals; see ``TrainConfig.flush_denormal``) and the allocator tuning of
-    ``aimnet_fast.cpu``."""
+    ``aimnet_fast.cpu``; ``deterministic`` (``TrainConfig.deterministic``): one thread unless
+    ``num_threads`` is given, and torch's deterministic algorithms."""
+    if deterministic and not num_threads and device.type == "cpu":
+        num_threads = 1
     if num_threads:
         torch.set_num_threads(num_threads)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
     if device.type == "cpu":
         if flush_denormal:
             flush_denormals()
         tune_allocator()
+
+
+def die_with_parent() -> None:
+    """Linux: end this process (SIGTERM) when its parent dies. Under torchrun the parent is the
+    elastic agent; a killed agent must not leave its workers running on as orphans."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:       # the parent died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def teardown(dist: Dist) -> None:

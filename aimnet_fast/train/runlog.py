@@ -172,29 +172,44 @@ class RunLog:
                 cols += [f"val_{t}_mae_{tag}", f"val_{t}_rmse_{tag}"]
         return cols
 
-    def load_rows(self, up_to_epoch: int) -> None:
-        """Rows of the epochs a checkpoint covers (a killed run may have written one more)."""
-        self.rows = []
-        if self.metrics_path.exists():
-            with open(self.metrics_path) as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= up_to_epoch]
+    def restore_rows(self, rows: list[dict] | None, up_to_epoch: int, columns: list[str]) -> None:
+        """The rows of a resumed run: those its checkpoint holds (the truth: an epoch end killed
+        before ``metrics.csv`` was rewritten loses no row), else (an older checkpoint) those of
+        ``metrics.csv`` up to the checkpoint's epoch; ``metrics.csv`` is rewritten from them."""
+        if rows is not None:
+            self.rows = [dict(r) for r in rows]
+        else:
+            self.rows = []
+            if self.metrics_path.exists():
+                with open(self.metrics_path) as f:
+                    self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= up_to_epoch]
+        self._write_csv(columns)
+
+    @staticmethod
+    def add_errors(row: dict, val: dict, targets: list[str], n_pass: int) -> dict:
+        """``row`` with the validation errors of ``val`` (MAE and RMSE per target and pass)."""
+        for t in targets:
+            for tag in (["last"] if t == "forces" else [f"p{p + 1}" for p in range(n_pass)]):
+                row[f"val_{t}_mae_{tag}"] = val[f"{t}_mae_{tag}"]
+                row[f"val_{t}_rmse_{tag}"] = val[f"{t}_rmse_{tag}"]
+        return row
 
     def epoch(self, row: dict, val: dict, targets: list[str], *, n_pass: int, phase_epoch: int,
-              epochs: int, improved: bool, elapsed_s: float, columns: list[str]) -> None:
-        """Add the epoch's row (``row`` plus the validation errors of ``val``), write
-        ``metrics.csv``, the plot and TensorBoard, and print the epoch's summary."""
+              epochs: int, improved: bool, elapsed_s: float, columns: list[str],
+              recorded: bool = False) -> None:
+        """Add the epoch's row (``row`` plus the validation errors of ``val``; ``recorded``: the
+        trainer has added it to ``rows`` already), write ``metrics.csv``, the plot and
+        TensorBoard, and print the epoch's summary."""
         self._close_bar()
         self._epoch_key = None
+        self.add_errors(row, val, targets, n_pass)
         parts = []
         for t in targets:
             tags = ["last"] if t == "forces" else [f"p{p + 1}" for p in range(n_pass)]
-            vals = []
-            for tag in tags:
-                row[f"val_{t}_mae_{tag}"] = val[f"{t}_mae_{tag}"]
-                row[f"val_{t}_rmse_{tag}"] = val[f"{t}_rmse_{tag}"]
-                vals.append(f"{tag} {val[f'{t}_mae_{tag}']:.4g}/{val[f'{t}_rmse_{tag}']:.4g}")
+            vals = [f"{tag} {val[f'{t}_mae_{tag}']:.4g}/{val[f'{t}_rmse_{tag}']:.4g}" for tag in tags]
             parts.append(f"{t} MAE/RMSE ({_unit(t)}) " + ", ".join(vals))
-        self.rows.append(row)
+        if not recorded:
+            self.rows.append(row)
         self._write_csv(columns)
         self._plot()
         tb = self.tensorboard()

@@ -7,7 +7,11 @@ Three layers, each on its own:
 - ``to_dict`` / ``from_dict`` and ``training_record``: the plain dict a checkpoint's ``training``
   entry holds (run state, optimizer, schedule, random state, config, split fingerprint, targets);
 - ``write_checkpoint`` / ``read_checkpoint``: the files (``aimnet_fast.checkpoint`` format, written
-  atomically with ``save_atomic``).
+  atomically with ``save_atomic``); ``model_checkpoint``: the in-memory copy of a best model.
+
+``last.pt`` is the run's one commit point: it holds, besides the weights and the run state, the
+metrics rows and the best models, so that ``best.pt``, ``best_phase<n>.pt`` and ``metrics.csv``
+(written after it) are rebuilt from it on resume whatever instant a kill came at.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import checkpoint_dict, save_atomic
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TrainingError
 
 
 @dataclass
@@ -92,11 +96,30 @@ def training_record(state: RunState, optimizer, schedule, *, config: dict, split
             "targets": list(targets)}
 
 
+def save_file(ck: dict, path: Path) -> None:
+    """``save_atomic``, with a failed write (a full disk, no permission) as a one-line
+    ``TrainingError`` that says the file under ``path`` is still the previous one."""
+    try:
+        save_atomic(ck, path)
+    except OSError as e:
+        raise TrainingError(f"cannot write {path}: {e.strerror or e}; the previous "
+                            f"{Path(path).name} is intact") from e
+
+
 def write_checkpoint(model, record: dict, paths: Sequence[Path]) -> None:
     """The model and its ``training`` record, written atomically to every path of ``paths``."""
     ck = checkpoint_dict(model, training=record)
     for p in paths:
-        save_atomic(ck, p)
+        save_file(ck, p)
+
+
+def model_checkpoint(model, state: RunState, *, config: dict, targets: Sequence[str]) -> dict:
+    """A copy (CPU tensors, not aliasing the live weights) of ``model`` as a checkpoint, with the
+    run state it was validated at: the content of ``best.pt`` and ``best_phase<n>.pt``."""
+    ck = checkpoint_dict(model, training={"state": state.to_dict(), "config": config,
+                                          "targets": list(targets)})
+    ck["state_dict"] = {k: v.clone() for k, v in ck["state_dict"].items()}
+    return ck
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict]:

@@ -41,7 +41,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import fcntl
 import math
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -54,6 +57,7 @@ from torch import nn
 
 from .. import data as D
 from .. import flops
+from ..data.checks import check_sae_plausible
 from ..errors import AIMNetError, CheckpointError, TrainingError, report
 from . import config as C
 from ..units import HARTREE_TO_KCALMOL
@@ -65,7 +69,8 @@ from .model_setup import build_model, place, zero_last_update_layer
 from .optim import make_optimizer
 from .runlog import RunLog
 from .schedule import PlateauSchedule
-from .state import RunState, read_checkpoint, restore_rng, training_record, write_checkpoint
+from .state import (RunState, model_checkpoint, read_checkpoint, restore_rng, save_file,
+                    training_record, write_checkpoint)
 from .step import forward, train_step
 
 __all__ = ["Trainer", "run", "parse_args", "main"]
@@ -79,7 +84,15 @@ class Trainer:
         self.dist = dist or setup_distributed(cfg.device)
         self.t0, self._elapsed_base = time.time(), 0.0
         self.dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-        self.run_dir = self._run_dir()
+        self.run_dir, created = self._open_run_dir()
+        try:
+            self._setup(out)
+        except BaseException:
+            self._close_run_dir(remove=created)    # a failed start leaves no empty run folder
+            raise
+
+    def _setup(self, out) -> None:
+        cfg = self.cfg
         self.ckpt_last, self.ckpt_best = self.run_dir / "last.pt", self.run_dir / "best.pt"
         if cfg.resume and not self.ckpt_last.exists():
             raise TrainingError(f"resume: no checkpoint {self.ckpt_last}")
@@ -102,6 +115,10 @@ class Trainer:
             atoms_per_batch=cfg.data.atoms_per_batch, shuffle=True, seed=cfg.seed,
             rank=self.dist.rank, world_size=self.dist.world_size)
         self.val_mols = cfg.data.val_mols_per_batch or 2 * cfg.data.mols_per_batch
+        # Energies in another unit than declared make an implausible SAE (per source; every rank
+        # reaches the same verdict, so none is left waiting).
+        for line in check_sae_plausible(self.ds, elements=self.model.elements):
+            self.log.info(line)
         if not cfg.resume and not (cfg.model.init_from and cfg.model.keep_sae):
             sae = D.fit_sae(self.ds, elements=self.model.elements, indices=self.train_idx)
             with torch.no_grad():
@@ -114,6 +131,9 @@ class Trainer:
                 self.model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
                 find_unused_parameters=True)  # T=1 leaves update_mlp unused; unused heads too
         self.state = RunState()
+        #: file name → checkpoint dict of the best models so far ("best.pt", "best_phase<n>.pt" of
+        #: the current phase); kept in last.pt, written to their files after it.
+        self.best_ck: dict[str, dict] = {}
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self.schedule: Optional[PlateauSchedule] = None
         self.opt_desc = ""
@@ -136,6 +156,7 @@ class Trainer:
         try:
             last_row = self.train_phases()
             self.final_report()
+            self.dist.barrier()   # every rank ends here: none tears its process group down early
             files = ", ".join(str(p) for p in (self.ckpt_last, self.ckpt_best,
                                                self.run_dir / "test_metrics.json") if p.exists())
             self.log.info(f"done in {self.elapsed():.0f} s{' (max_time reached)' if st.stopped else ''}; "
@@ -143,6 +164,7 @@ class Trainer:
             return last_row
         finally:
             self.log.close()      # also closes a progress bar that an error left open
+            self._close_run_dir()
 
     def train_phases(self) -> dict:
         """The phases of the curriculum from where the run stands; the last epoch's metrics row."""
@@ -178,6 +200,7 @@ class Trainer:
             self.ema.reset()
         self._new_optimizer(n)
         self.state.start_phase(n)
+        self.best_ck = {k: v for k, v in self.best_ck.items() if k == "best.pt"}
         budget = ""
         if self.budget_s is not None:
             budget = f", until {self._deadline(n):.0f} s of the {self.budget_s:.0f} s budget"
@@ -256,6 +279,8 @@ class Trainer:
         st = self.state
         with self._averaged():
             val = self.validate(ph.n_pass)
+            if not math.isfinite(val["loss"]):
+                raise TrainingError(self._nonfinite_validation(ph.n_pass))
         train_loss = st.train_loss_sum / max(st.train_steps, 1)
         lr_used = self.schedule.lr
         self.schedule.step(val["loss"])
@@ -274,9 +299,17 @@ class Trainer:
         row = {"time_s": f"{self.elapsed():.1f}", "phase": st.phase + 1, "n_pass": ph.n_pass,
                "epoch": st.global_epoch, "lr": lr_used, "train_loss": train_loss,
                "val_loss": val["loss"], "val_loss_last": val["loss_last"], "bad_steps": st.bad_steps}
-        self.save(best=best, phase_best=phase_best)
+        self.log.rows.append(self.log.add_errors(row, val, self.targets, ph.n_pass))
+        new = (["best.pt"] if best else []) + ([f"best_phase{st.phase + 1}.pt"] if phase_best else [])
+        if new and self.dist.is_main:
+            with self._averaged():
+                ck = model_checkpoint(self.model, st, config=C.to_dict(self.cfg), targets=self.targets)
+            self.best_ck.update({name: ck for name in new})
+        # last.pt first (with the rows and the best models), then the files that follow from it.
+        self.save()
+        self.write_best(new)
         self.log.epoch(row, val, self.targets, n_pass=ph.n_pass, phase_epoch=st.epoch, epochs=ph.epochs,
-                       improved=best, elapsed_s=self.elapsed(), columns=self.columns)
+                       improved=best, elapsed_s=self.elapsed(), columns=self.columns, recorded=True)
         return row
 
     def validate(self, n_pass: int) -> dict:
@@ -290,6 +323,40 @@ class Trainer:
             m.update(out, batch, forces)
         m.sums = self.dist.all_reduce_sum(m.sums)
         return m.summary()
+
+    def _nonfinite_validation(self, n_pass: int) -> str:
+        """The message for a non-finite validation loss, naming the conformers whose predictions
+        are not finite (labels cannot be: ``collate`` masks non-finite ones); every rank looks at
+        its share."""
+        bad = []
+        need_forces = "forces" in self.targets
+        for idx in val_batches(self.val_idx, self.dist, self.val_mols):
+            batch = D.collate(self.ds, idx).to(self.dist.device, self.dtype)
+            with torch.set_grad_enabled(need_forces):
+                out, forces = forward(self.model, batch, n_pass, need_forces, create_graph=False)
+            ok_atom = torch.ones(batch.n_atoms, dtype=torch.bool, device=batch.coord.device)
+            ok = torch.ones(batch.n_mol, dtype=torch.bool, device=batch.coord.device)
+            for t in self.targets:
+                if t == "forces":
+                    ok_atom &= torch.isfinite(forces).all(1)
+                elif t == "energy":
+                    ok &= torch.isfinite(out["passes"]["energy"]).all(0)
+                else:                                   # per atom, (T, N)
+                    ok_atom &= torch.isfinite(out["passes"][t]).all(0)
+            n_bad = torch.zeros(batch.n_mol, dtype=torch.int64, device=ok.device)
+            ok &= n_bad.index_add_(0, batch.mol_idx, (~ok_atom).long()) == 0
+            bad += [int(c) for c in np.asarray(idx)[(~ok).cpu().numpy()]]
+        bad = sorted(c for part in self.dist.gather_objects(bad) for c in part)
+        last = f"the last good checkpoint is {self.ckpt_last}" if self.ckpt_last.exists() else \
+            "no checkpoint was written"
+        if not bad:
+            return (f"epoch {self.state.global_epoch + 1}: the validation loss is not finite although "
+                    f"every prediction is; {last}")
+        names = ", ".join(self.ds.name(c) for c in bad[:5])
+        return (f"epoch {self.state.global_epoch + 1}: the validation loss is not finite: the model "
+                f"gives non-finite outputs for {len(bad)} validation conformer(s): {names}"
+                f"{' ...' if len(bad) > 5 else ''}; remove them from the data (or set "
+                f"skip_bad_conformers on their source); {last}")
 
     def final_report(self) -> dict:
         """Errors of ``best.pt`` on the validation set and the test sources, per target, pass and
@@ -319,9 +386,9 @@ class Trainer:
         return result
 
     # -- checkpoints ---------------------------------------------------------------------------
-    def save(self, best: bool = False, phase_best: bool = False) -> None:
-        """``last.pt`` (and ``best.pt``, ``best_phase<n>.pt``): the averaged weights where EMA is
-        on, and all a resume needs (rank 0 writes)."""
+    def save(self) -> None:
+        """``last.pt``: the weights (the average where EMA is on) and all a resume needs, the
+        metrics rows and the best models included (rank 0 writes)."""
         st = self.state
         st.elapsed_s = self.elapsed()
         # The batches of this epoch used so far are the steps taken (a prefetching loader has
@@ -330,13 +397,19 @@ class Trainer:
         if self.dist.is_main:
             record = training_record(st, self.optimizer, self.schedule, config=C.to_dict(self.cfg),
                                      split=split_digest(self.train_idx, self.val_idx), targets=self.targets)
+            record["rows"] = self.log.rows
+            record["best"] = self.best_ck
             if self.ema is not None:
                 record["ema"] = self.ema.state_dict()
-            paths = [self.ckpt_last] + ([self.ckpt_best] if best else []) + \
-                ([self.run_dir / f"best_phase{st.phase + 1}.pt"] if phase_best else [])
             with self._averaged():
-                write_checkpoint(self.model, record, paths)
+                write_checkpoint(self.model, record, [self.ckpt_last])
         self.dist.barrier()
+
+    def write_best(self, names) -> None:
+        """The best-model files ``names`` from their copies in memory (rank 0)."""
+        if self.dist.is_main:
+            for name in names:
+                save_file(self.best_ck[name], self.run_dir / name)
 
     def restore(self) -> None:
         """Continue from ``last.pt``: weights (and their average), run state, sampler position,
@@ -363,6 +436,13 @@ class Trainer:
             raise CheckpointError(f"{path}: no batch sampler state (written by an older version); "
                                   f"cannot resume it exactly")
         self.train_sampler.load_state_dict(st.sampler, source=str(path))
+        was = int(st.sampler.get("world_size", self.dist.world_size))
+        if was != self.dist.world_size:
+            per = self.cfg.data.mols_per_batch
+            self.log.info(f"resumed on {self.dist.world_size} process(es) (was {was}): the rest of epoch "
+                          f"{st.global_epoch + 1} is dealt again, so each of its conformers still trains "
+                          f"once; a step's batch is now {per * self.dist.world_size} molecules "
+                          f"(was {per * was}), with the same lr")
         if (self.train_sampler.epoch, self.train_sampler.position) != (st.global_epoch, st.step):
             raise CheckpointError(f"{path}: the sampler is at epoch {self.train_sampler.epoch} step "
                                   f"{self.train_sampler.position}, the run at epoch {st.global_epoch} "
@@ -375,7 +455,11 @@ class Trainer:
         self._elapsed_base = st.elapsed_s
         if st.stopped == "max_time" and (self.budget_s is None or st.elapsed_s < self.budget_s):
             st.stopped = ""      # a bigger budget (or none) now: go on
-        self.log.load_rows(up_to_epoch=st.global_epoch)
+        # What last.pt claims, on disk again: a kill between its rename and those of the files
+        # after it (best models, metrics.csv) loses nothing.
+        self.best_ck = tr.get("best", {})
+        self.write_best(list(self.best_ck))
+        self.log.restore_rows(tr.get("rows"), st.global_epoch, self.columns)
         self.log.info(f"resumed {path}: phase {st.phase + 1}, epoch {st.epoch + 1}, step {st.step}")
 
     # -- helpers -------------------------------------------------------------------------------
@@ -422,7 +506,10 @@ class Trainer:
     def _new_optimizer(self, n: int) -> None:
         self.model.n_pass = self.cfg.curriculum[n].n_pass
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer, self.opt_desc = make_optimizer(params, self.cfg.optim, self.dist.device)
+        oc = self.cfg.optim
+        if self.cfg.curriculum[n].lr is not None:
+            oc = dataclasses.replace(oc, lr=self.cfg.curriculum[n].lr)
+        self.optimizer, self.opt_desc = make_optimizer(params, oc, self.dist.device)
         sc = self.cfg.schedule
         self.schedule = PlateauSchedule(self.optimizer, sc.factor, sc.patience, sc.threshold, sc.min_lr)
 
@@ -461,7 +548,11 @@ class Trainer:
                 self.log.info(f"validation energy MAE of the SAE alone (the baseline): "
                               f"{self.sae_baseline_kcal:.3g} kcal/mol")
 
-    def _run_dir(self) -> Path:
+    def _open_run_dir(self) -> tuple[Path, bool]:
+        """The run folder, made if new, and locked by rank 0 for the run's life: an advisory lock
+        (``flock`` on ``.lock``) that the kernel releases when the process dies, so a second
+        trainer on the folder is refused while a killed one never leaves it locked. Returns the
+        folder and whether this run made it."""
         cfg = self.cfg
         if cfg.run_dir:
             path = cfg.run_dir
@@ -469,13 +560,43 @@ class Trainer:
             path = str(latest_run())
         else:
             path = f"runs/{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"
-        path = self.dist.broadcast_object(path)
+        path = Path(self.dist.broadcast_object(path))
+        created, refused, self._lock = False, None, None
         if self.dist.is_main:
-            Path(path).mkdir(parents=True, exist_ok=True)
-            for tmp in Path(path).glob(".*.tmp"):  # left by a crash inside save_atomic
-                tmp.unlink()
+            created = not path.exists()
+            path.mkdir(parents=True, exist_ok=True)
+            self._lock = open(path / ".lock", "a+")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.seek(0)
+                holder = self._lock.read().strip() or "?"
+                self._lock.close()
+                self._lock = None
+                refused = (f"{path} is in use by another trainer (pid {holder}); wait for it to "
+                           f"end, or give this run another run_dir")
+            else:
+                self._lock.seek(0)
+                self._lock.truncate()
+                self._lock.write(f"{os.getpid()}\n")
+                self._lock.flush()
+                for tmp in path.glob(".*.tmp"):  # left by a crash inside save_atomic
+                    tmp.unlink()
+        refused = self.dist.broadcast_object(refused)
+        if refused:
+            raise TrainingError(refused)
         self.dist.barrier()
-        return Path(path)
+        return path, created
+
+    def _close_run_dir(self, remove: bool = False) -> None:
+        """Release the folder's lock; ``remove``: remove the folder too if nothing but the lock
+        is in it (a start that failed before writing anything)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+            if remove and self.dist.is_main and [p.name for p in self.run_dir.iterdir()] == [".lock"]:
+                (self.run_dir / ".lock").unlink()
+                self.run_dir.rmdir()
 
 
 def run(cfg: C.TrainConfig, dist: Optional[Dist] = None, out=None) -> dict:
@@ -527,8 +648,10 @@ def main(argv=None, prog: str = "python -m aimnet_fast.train") -> int:
         cfg = parse_args(argv, prog)
     except AIMNetError as e:
         return report(prog, e)
+    if cfg.deterministic:   # before CUDA starts: cuBLAS reads it once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist = setup_distributed(cfg.device)
-    process_settings(cfg.num_threads, cfg.flush_denormal, dist.device)
+    process_settings(cfg.num_threads, cfg.flush_denormal, dist.device, cfg.deterministic)
     try:
         run(cfg, dist)
     except AIMNetError as e:

@@ -41,8 +41,11 @@ def predict(model, batch, n_pass):
                      n_pass=n_pass)
 
 
-def test_default_config_file_is_the_defaults():
-    assert C.load_config(REPO / "aimnet_fast" / "configs" / "default.yaml") == C.TrainConfig()
+def test_the_bare_command_runs_the_default_yaml():
+    from aimnet_fast.train.trainer import parse_args
+    assert parse_args([]) == C.load_config(C.DEFAULT_RUN) != C.TrainConfig()
+    assert parse_args(["optim.lr=2e-3"]).optim.lr == 2e-3
+    assert parse_args(["optim.lr=2e-3"]).loss.forces is True
     for p in (REPO / "aimnet_fast" / "configs").glob("*.yaml"):
         C.load_config(p)  # every example parses
 

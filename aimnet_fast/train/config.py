@@ -40,6 +40,10 @@ except ImportError as err:
 #: OmegaConf's marker of a value the YAML must give (a required field).
 MISSING = "???"
 
+#: The configuration of ``python -m aimnet_fast.train`` without a config file: a quick run on the
+#: embedded default data set that learns (energy and forces, T=1) in a few CPU minutes.
+DEFAULT_RUN = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
 
 # -- the choices (checked by OmegaConf) -----------------------------------------------------------
 OptimName = Literal["amsgrad", "adam"]          # "amsgrad": the paper's "Amstrad"

@@ -629,7 +629,8 @@ def parse_args(argv, prog: str = "python -m aimnet_fast.train") -> C.TrainConfig
         ap.error(f"one config file at most, got {files}")
     if a.resume:
         overrides.append("resume=true")
-    cfg = C.load_config(files[0] if files else None, overrides)
+    # No config file: the quick run on the embedded data (configs/default.yaml).
+    cfg = C.load_config(files[0] if files else C.DEFAULT_RUN, overrides)
     if cfg.resume:
         # Find the run folder first, then continue with the run's own resolved config (its
         # curriculum, data, ...); command-line overrides still apply on top.

@@ -262,7 +262,8 @@ def test_held_out_sources_and_the_test_report_match_the_predict_command(tmp_path
     if not (ani1.exists() and r06.exists()):
         pytest.skip("shared data not found")
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "aimnet_fast.train", f"run_dir={run}", "device=cpu", "num_threads=2",
+    cmd = [sys.executable, "-m", "aimnet_fast.train", str(REPO / "aimnet_fast" / "configs" / "base.yaml"),
+           f"run_dir={run}", "device=cpu", "num_threads=2",
            "plot=false", "tensorboard=false", "progress=lines", "log_every=1000",
            f"data.sources=[{{path: {ani1}, layout: ani1}}]",
            f"data.val_sources=[{{path: {r06}, layout: 06r, properties: {{energy: {{key: energies}}}}}}]",

@@ -25,11 +25,16 @@ def train(tmp_path, *args):
     (["{dir}/missing.yaml"], "missing.yaml", (2,)),
     (["nosuchkey=1"], "nosuchkey", (2,)),
     (["optim.lr=abc"], "optim.lr", (2,)),
+    (["optim.lr=-1"], "optim.lr: -1.0 must be > 0", (2,)),
+    (["{bad_yaml}"], "line 2, column", (2,)),
+    (["data.sources=[{path: {dir}/absent.h5}]"], "absent.h5", (1,)),
 ])
 def test_one_line_no_traceback(tmp_path, args, culprit, codes):
     notes = tmp_path / "notes.pt"
     notes.write_text("these are notes, not weights\n")
-    fill = {"{notes}": str(notes), "{dir}": str(tmp_path)}
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("optim:\n  lr: [1e-3\n")
+    fill = {"{notes}": str(notes), "{dir}": str(tmp_path), "{bad_yaml}": str(bad_yaml)}
     for k, v in fill.items():
         args = [a.replace(k, v) for a in args]
         culprit = culprit.replace(k, v)

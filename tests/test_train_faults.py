@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 ARGS = ["data.max_conformers=40", "data.mols_per_batch=4", "max_steps_per_epoch=2", "num_threads=1",
         "log_every=100", "tensorboard=false", "plot=false", "device=cpu", "progress=lines",
         "curriculum.0.epochs=2", "curriculum.1.epochs=1"]
+#: The command line's arguments for the same run: a bare command would run configs/default.yaml.
+CLI = [str(REPO / "aimnet_fast" / "configs" / "base.yaml")] + ARGS
 
 
 def env():
@@ -69,7 +71,7 @@ def train(run: Path, *extra, kill_after: int = 0, call_log: Path | None = None):
     e["KILL_AFTER"] = str(kill_after)
     if call_log:
         e["CALL_LOG"] = str(call_log)
-    return subprocess.run([sys.executable, "-c", KILLER, *ARGS, f"run_dir={run}", *extra],
+    return subprocess.run([sys.executable, "-c", KILLER, *CLI, f"run_dir={run}", *extra],
                           env=e, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
@@ -115,7 +117,7 @@ def test_a_second_trainer_on_a_run_folder_is_refused_until_the_first_dies(tmp_pa
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert T.main(ARGS + [f"run_dir={run}"]) == 1
+        assert T.main(CLI + [f"run_dir={run}"]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{run} is in use by another trainer (pid 4242)" in err[0]
         assert not (run / "config.yaml").exists()
@@ -123,7 +125,7 @@ def test_a_second_trainer_on_a_run_folder_is_refused_until_the_first_dies(tmp_pa
         holder.kill()
         holder.wait()
     # The kernel released the dead holder's lock: the folder is free.
-    assert T.main(ARGS + [f"run_dir={run}", "curriculum.0.epochs=1", "curriculum.1.epochs=0"]) == 0
+    assert T.main(CLI + [f"run_dir={run}", "curriculum.0.epochs=1", "curriculum.1.epochs=0"]) == 0
 
 
 # -- a full disk -------------------------------------------------------------------------------------
@@ -140,7 +142,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, mon
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_fsync(fd)
     monkeypatch.setattr(checkpoint.os, "fsync", fsync)
-    assert T.main(ARGS + [f"run_dir={run}"]) == 1
+    assert T.main(CLI + [f"run_dir={run}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert (f"cannot write {run / 'last.pt'}: No space left on device; the previous last.pt is "
@@ -152,7 +154,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_stays(tmp_path, mon
 # -- a failed start, file modes --------------------------------------------------------------------------
 def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys):
     run = tmp_path / "run"
-    assert T.main(ARGS + [f"run_dir={run}", f"data.sources=[{{path: {tmp_path / 'missing.h5'}}}]"]) == 1
+    assert T.main(CLI + [f"run_dir={run}", f"data.sources=[{{path: {tmp_path / 'missing.h5'}}}]"]) == 1
     assert "missing.h5" in capsys.readouterr().err
     assert not run.exists()
 
@@ -198,7 +200,7 @@ def children(pid: int) -> list[int]:
 
 def test_workers_end_when_the_torchrun_agent_is_killed(tmp_path):
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                              "--standalone", "-m", "aimnet_fast.train", *ARGS,
+                              "--standalone", "-m", "aimnet_fast.train", *CLI,
                               f"run_dir={tmp_path / 'run'}", "curriculum.0.epochs=1000",
                               "max_steps_per_epoch=1000"],
                              env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -232,7 +234,7 @@ def test_workers_end_when_the_torchrun_agent_is_killed(tmp_path):
 def test_deterministic_runs_repeat_bit_for_bit_with_the_default_threads(tmp_path):
     out = []
     for name in ("a", "b"):
-        args = [a for a in ARGS if not a.startswith("num_threads")]
+        args = [a for a in CLI if not a.startswith("num_threads")]
         e = env()
         e.pop("OMP_NUM_THREADS")
         p = subprocess.run([sys.executable, "-m", "aimnet_fast.train", *args, f"run_dir={tmp_path / name}",
@@ -252,7 +254,7 @@ def test_hartree_declared_as_kcal_per_mol_is_refused_before_training(tmp_path, c
     run = tmp_path / "run"
     src = (f"data.sources=[{{path: {sample}, layout: ani1x, "
            f"properties: {{energy: {{key: wb97x_tz.energy, unit: kcal/mol}}}}}}]")
-    assert T.main(ARGS + [f"run_dir={run}", src, "data.split=conformer"]) == 1
+    assert T.main(CLI + [f"run_dir={run}", src, "data.split=conformer"]) == 1
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and "the energies look like hartree declared as 'kcal/mol'" in err[0]
@@ -288,7 +290,7 @@ def steps_of(log: Path) -> list[list[int]]:
 def test_a_two_rank_run_killed_mid_epoch_resumes_on_one_process_training_each_conformer_once(tmp_path):
     script, run = tmp_path / "steps.py", tmp_path / "run"
     script.write_text(STEP_LOGGER)
-    args = [a for a in ARGS if not a.startswith(("max_steps", "curriculum"))] + [
+    args = [a for a in CLI if not a.startswith(("max_steps", "curriculum"))] + [
         f"run_dir={run}", "checkpoint_every=2", "curriculum.0.epochs=2", "curriculum.1.epochs=0"]
     e = env()
     e.update(STEP_LOG=str(tmp_path / "killed"), KILL_AT="8")

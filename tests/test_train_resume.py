@@ -52,7 +52,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, capsys, a
 
     # The same run in a child process, killed (SIGKILL) in the middle of epoch 2.
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "aimnet_fast.train", *ARGS, f"run_dir={run_dir}"],
+    base = str(REPO / "aimnet_fast" / "configs" / "base.yaml")   # the bare command runs default.yaml
+    proc = subprocess.Popen([sys.executable, "-m", "aimnet_fast.train", base, *ARGS, f"run_dir={run_dir}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
                             cwd=tmp_path)
     lines = []

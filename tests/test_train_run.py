@@ -27,6 +27,8 @@ from aimnet_fast.train.dist import Dist
 from aimnet_fast.train.model_setup import zero_last_update_layer
 
 REPO = Path(__file__).resolve().parents[1]
+#: The TrainConfig defaults as a config file: the bare command line runs configs/default.yaml.
+BASE = str(REPO / "aimnet_fast" / "configs" / "base.yaml")
 SMALL = ["data.max_conformers=40", "data.mols_per_batch=4", "max_steps_per_epoch=5", "num_threads=1",
          "log_every=5", "tensorboard=false", "device=cpu"]
 
@@ -161,14 +163,14 @@ def test_repeated_nan_steps_stop_the_run_and_keep_the_checkpoint(tmp_path, monke
     assert "non-finite loss or gradient" in capsys.readouterr().out
     # The command line says so and exits with 1.
     calls["n"] = 0
-    code = T.main(SMALL + [f"run_dir={tmp_path / 'cli'}", "max_bad_steps=2", "plot=false"])
+    code = T.main([BASE] + SMALL + [f"run_dir={tmp_path / 'cli'}", "max_bad_steps=2", "plot=false"])
     assert code == 1 and "max_bad_steps=2" in capsys.readouterr().err
 
 
 def test_torchrun_two_gloo_ranks(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "aimnet_fast.train", *SMALL, "curriculum.0.epochs=1", "curriculum.1.epochs=1",
+           "-m", "aimnet_fast.train", BASE, *SMALL, "curriculum.0.epochs=1", "curriculum.1.epochs=1",
            f"run_dir={tmp_path / 'run'}", "plot=false"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import yaml
 import torch
 from torch import nn
 
@@ -629,17 +630,24 @@ def parse_args(argv, prog: str = "python -m aimnet_fast.train") -> C.TrainConfig
         ap.error(f"one config file at most, got {files}")
     if a.resume:
         overrides.append("resume=true")
-    # No config file: the quick run on the embedded data (configs/default.yaml).
-    cfg = C.load_config(files[0] if files else C.DEFAULT_RUN, overrides)
-    if cfg.resume:
+    asked = {}
+    for item in overrides:   # resume and run_dir decide which config the others apply to
+        key, _, raw = item.partition("=")
+        if key.strip() in ("resume", "run_dir"):
+            try:
+                asked[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                pass        # load_config names the bad value
+
+    if asked.get("resume"):
         # Find the run folder first, then continue with the run's own resolved config (its
         # curriculum, data, ...); command-line overrides still apply on top.
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else latest_run()
+        run_dir = Path(asked["run_dir"]) if asked.get("run_dir") else latest_run()
         if (run_dir / "config.yaml").exists():
-            cfg = C.load_config(run_dir / "config.yaml", overrides + [f"run_dir={run_dir}"])
-        else:
-            cfg.run_dir = str(run_dir)
-    return cfg
+            return C.load_config(run_dir / "config.yaml", overrides + [f"run_dir={run_dir}"])
+        return C.load_config(files[0] if files else C.DEFAULT_RUN, overrides + [f"run_dir={run_dir}"])
+    # No config file: the quick run on the embedded data (configs/default.yaml).
+    return C.load_config(files[0] if files else C.DEFAULT_RUN, overrides)
 
 
 def main(argv=None, prog: str = "python -m aimnet_fast.train") -> int:

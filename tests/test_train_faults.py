@@ -313,3 +313,27 @@ def test_a_two_rank_run_killed_mid_epoch_resumes_on_one_process_training_each_co
     epoch2 = [c for r in (0, 1) for s in killed[r][5:7] for c in s]     # the two saved steps
     epoch2 += [c for s in steps_of(tmp_path / "resumed.0") for c in s]  # the rest, on one process
     assert sorted(epoch2) == epoch1, "every conformer of the interrupted epoch trained once"
+
+
+def test_a_real_full_disk_a_tiny_tmpfs(tmp_path, capsys):
+    """The same on a file system that really fills up: a tmpfs (needs root) sized so that the
+    first epoch's files fit and the second last.pt does not."""
+    ref = tmp_path / "ref"
+    assert T.main(CLI + [f"run_dir={ref}", "curriculum.0.epochs=1", "curriculum.1.epochs=0"]) == 0
+    last, best = (ref / "last.pt").stat().st_size, (ref / "best.pt").stat().st_size
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    size_kb = (last + 2 * best + last // 2) // 1024 + 64
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    try:
+        capsys.readouterr()
+        run = mnt / "run"
+        assert T.main(CLI + [f"run_dir={run}"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "No space left on device; the previous" in err[0], err
+        assert record(run / "last.pt")["training"]["state"]["global_epoch"] >= 1
+        assert not list(run.glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -225,18 +225,7 @@ class Trainer:
         self.log.epoch_begin(phase=st.phase, n_pass=ph.n_pass, epoch=st.epoch, epochs=ph.epochs,
                              n_steps=n_steps, start_step=st.step)
         t_last, cut = time.time(), False
-        count_flop, peak = None, None
-        if self.dist.device.type == "cuda" and "forces" not in self.targets:
-            # MFU: FLOPs from the model's own layer sizes over a measured matrix-product peak
-            # (the force loss's double backward is not counted, so no MFU with forces).
-            prec = getattr(self.model, "precision", "ieee")
-            tf32 = None                 # the torch backend follows torch's own matmul setting
-            if self.model.backend != "torch" and self.dtype == torch.float32:
-                tf32 = prec == "tf32"   # the Triton kernels follow the model's precision
-            peak = flops.measured_peak_flops(
-                self.dist.device, torch.bfloat16 if prec == "bf16" else self.dtype, tf32=tf32)
-            def count_flop(nb, n_atoms, n_pass=ph.n_pass):  # noqa: E306
-                return flops.count_batch(self.model, nb, n_atoms, n_pass).train_flop
+        count_flop, peak = self._mfu_counter(ph)
         for batch in batches:
             scale = min(1.0, (st.phase_step + 1) / warm) if warm else 1.0
             res = train_step(self.ddp, self.optimizer, batch, cfg.loss, self.targets, ph.n_pass,
@@ -478,6 +467,23 @@ class Trainer:
             return self.budget_s
         upto = sum(p.time_fraction or 0.0 for p in self.cfg.curriculum[:n + 1])
         return min(self.budget_s, self.budget_s * upto)
+
+    def _mfu_counter(self, ph: C.PhaseConfig):
+        """(count_flop, peak FLOP/s) for the MFU on CUDA, (None, None) elsewhere: FLOPs from the
+        model's own layer sizes over a measured matrix-product peak. With forces there is none:
+        the force loss's double backward is not counted."""
+        if self.dist.device.type != "cuda" or "forces" in self.targets:
+            return None, None
+        prec = getattr(self.model, "precision", "ieee")
+        tf32 = None                     # the torch backend follows torch's own matmul setting
+        if self.model.backend != "torch" and self.dtype == torch.float32:
+            tf32 = prec == "tf32"       # the Triton kernels follow the model's precision
+        peak = flops.measured_peak_flops(
+            self.dist.device, torch.bfloat16 if prec == "bf16" else self.dtype, tf32=tf32)
+
+        def count_flop(nb, n_atoms: int) -> float:
+            return flops.count_batch(self.model, nb, n_atoms, ph.n_pass).train_flop
+        return count_flop, peak
 
     def _time_left(self) -> Optional[float]:
         return None if self.budget_s is None else max(self.budget_s - self.elapsed(), 0.0)

@@ -58,21 +58,18 @@ def new_file_mode() -> int:
     return 0o666 & ~old
 
 
-def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename it into place: a crash
-    while writing never leaves a half-written file under ``path``. The object is serialized in
-    memory first, so that a full disk is an ``OSError`` (ENOSPC) of the write, not an error deep
-    inside torch's zip writer; the file gets the mode of any other new file (umask), not
-    ``mkstemp``'s 0600."""
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` to a temporary file in the same folder, fsynced, then renamed into place (and the
+    folder fsynced): a crash while writing never leaves a half-written file under ``path``, and a
+    full disk is an ``OSError`` (ENOSPC) with the old file intact. The file gets the mode of any
+    other new file (umask), not ``mkstemp``'s 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
-            f.write(buf.getbuffer())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -85,6 +82,14 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj: dict, path: str | os.PathLike) -> None:
+    """torch.save through ``write_atomic``. The object is serialized in memory first, so that a
+    full disk is an error of the write, not one deep inside torch's zip writer."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, buf.getbuffer())
 
 
 def save_model(model: AIMNet, path: str | os.PathLike, **extra) -> None:

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 
 from . import data as D
-from .checkpoint import new_file_mode
+from .checkpoint import write_atomic
 from .errors import AIMNetError, ConfigError, DataError, PredictError, report as report_error
 from .train.loss import TARGET_HEAD, predicted_forces, residuals
 from .units import REPORT_UNITS
@@ -292,22 +291,8 @@ def format_report(report: dict) -> str:
 
 
 def write_report(report: dict, path) -> None:
-    """Write the report as JSON to ``path`` atomically (a temporary file beside it, then renamed)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, new_file_mode())
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write the report as JSON to ``path`` atomically (``checkpoint.write_atomic``)."""
+    write_atomic(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
 
 
 # -- data from the command line --------------------------------------------------------------------

@@ -12,19 +12,10 @@ from aimnet_fast.data import DataError, default_dataset_path, default_sources, l
 from aimnet_fast.data import dataset as dataset_mod
 from aimnet_fast.data.checks import atom_energy_estimate, check_sae_plausible
 from aimnet_fast.units import HARTREE_TO_EV, HARTREE_TO_KCALMOL
+from tests.test_data_errors import write
 
 SAE = dict(zip(ELEMENTS, SAE_HA))
 PROPS = {"energy": {"key": "wb97x_tz.energy"}, "forces": {"key": "wb97x_tz.forces"}}
-
-
-def write(path, groups):
-    """groups: name -> dict of arrays (ANI-1x release layout)."""
-    with h5py.File(path, "w") as f:
-        for name, arrays in groups.items():
-            g = f.create_group(name)
-            for k, v in arrays.items():
-                g[k] = v
-    return path
 
 
 def mol(z=(6, 1, 1, 1, 1), nc=4, seed=0, sae=SAE, **extra):
@@ -307,8 +298,6 @@ def test_every_real_file_passes_the_checks(shared, name, opts):
 
 def test_default_dataset_passes_the_checks(default_ds):
     d = default_ds.summary_dict()
-    import h5py
-    from aimnet_fast.data import default_dataset_path
     with h5py.File(default_dataset_path()) as f:
         n = int(f.attrs["n_conformers"])      # what the generator wrote
     assert d["skipped_close_atoms"] == d["skipped_bad_label"] == 0 and default_ds.n_conf == n

@@ -19,10 +19,16 @@ def split(ds, val_fraction: float = 0.1, seed: int = 0, n_folds: int | None = No
     brings the count closer to the target (at least one group when ``val_fraction`` > 0).
     """
     group = np.asarray(ds.group)
-    if indices is not None:
-        indices = np.asarray(indices, np.int64)
-        tr, va = split(_Groups(group[indices]), val_fraction, seed, n_folds, fold)
-        return indices[tr], indices[va]
+    if indices is None:
+        return _split_groups(group, val_fraction, seed, n_folds, fold)
+    indices = np.asarray(indices, np.int64)
+    tr, va = _split_groups(group[indices], val_fraction, seed, n_folds, fold)
+    return indices[tr], indices[va]
+
+
+def _split_groups(group: np.ndarray, val_fraction: float, seed: int, n_folds: int | None,
+                  fold: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``split`` of conformers whose molecule/formula ids are ``group``: positions into it."""
     n_groups = int(group.max()) + 1 if group.size else 0
     size = np.bincount(group, minlength=n_groups)
     live = np.flatnonzero(size)
@@ -66,12 +72,6 @@ def split(ds, val_fraction: float = 0.1, seed: int = 0, n_folds: int | None = No
         val_groups[np.asarray(taken, np.int64)] = True
         is_val = val_groups[group]
     return np.flatnonzero(~is_val).astype(np.int64), np.flatnonzero(is_val).astype(np.int64)
-
-
-class _Groups:
-    """The one attribute of a data set that ``split`` reads."""
-    def __init__(self, group: np.ndarray):
-        self.group = group
 
 
 def _deal(sizes: np.ndarray, world: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The seam between the model and its backends: every operation with more than one implementation
 is called through here, and this is the one module that imports the Triton kernels
-(``aimnet_fast.kernels``). It holds no math.
+(``aimnet_fast.kernels``), on their first use. It holds no math.
 
 Backends (``BACKENDS``):
 
@@ -19,6 +19,7 @@ that replaces a single operation.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable, NamedTuple
 
 import torch
@@ -27,18 +28,6 @@ from torch import nn
 from . import aev, cpu_aev
 from . import neighbors as reference_neighbors
 from .errors import ConfigError
-
-try:
-    from .kernels import angular, mlp, radial
-    from .kernels import neighbors as kernel_neighbors
-except ModuleNotFoundError as err:
-    # Only Triton itself may be missing (e.g. on macOS, where it has no wheel); a kernel module
-    # that fails to import for any other reason is a bug and must fail loudly.
-    if err.name != "triton" and not (err.name or "").startswith("triton."):
-        raise
-    _TRITON_MISSING: str | None = str(err)
-else:
-    _TRITON_MISSING = None
 
 
 class Backend(NamedTuple):
@@ -64,17 +53,45 @@ TORCH = Backend(aev.radial_contract, aev.angular_contract, _sequential, _sequent
 CPU = TORCH._replace(radial_contract=cpu_aev.radial_contract,
                      angular_contract=cpu_aev.angular_contract)
 
-#: name → implementation; None where the backend's package is not installed (the reason is in
-#: ``_UNAVAILABLE``), so that asking for it says so instead of "unknown backend".
-IMPLEMENTATIONS: dict[str, Backend | None] = {
+#: Stands for the Triton backend until its first use: importing Triton and compiling nothing
+#: still costs ~0.3 s, which every CPU-only command (predict, evaluate, a CPU training run) paid.
+_LAZY = object()
+
+
+def _triton_backend() -> Backend:
+    from .kernels import angular, mlp, radial
+    from .kernels import neighbors as kernel_neighbors
+    return Backend(radial.radial_contract, angular.angular_contract, mlp.elu_mlp, mlp.elu_mlp_cat,
+                   kernel_neighbors.build_neighbors)
+
+
+#: name → implementation (``_LAZY`` until first asked for); None where the backend's package is
+#: not installed (the reason is in ``_UNAVAILABLE``), so that asking for it says so instead of
+#: "unknown backend".
+IMPLEMENTATIONS: dict[str, Backend | object | None] = {
     "torch": TORCH,
     "cpu": CPU,
-    "triton": None if _TRITON_MISSING else Backend(
-        radial.radial_contract, angular.angular_contract, mlp.elu_mlp, mlp.elu_mlp_cat,
-        kernel_neighbors.build_neighbors),
+    "triton": _LAZY if importlib.util.find_spec("triton") else None,
 }
-_UNAVAILABLE = {"triton": f"Triton is not installed ({_TRITON_MISSING})"}
+_UNAVAILABLE = {"triton": "Triton is not installed (No module named 'triton')"}
 BACKENDS = ("auto", *IMPLEMENTATIONS)
+
+
+def implementation(name: str) -> Backend | None:
+    """The ``Backend`` of ``name`` (imported on first use), or None if it cannot run here."""
+    impl = IMPLEMENTATIONS.get(name)
+    if impl is _LAZY:
+        try:
+            impl = _triton_backend()
+        except ModuleNotFoundError as err:
+            # Only Triton itself may be missing or broken (e.g. on macOS, where it has no wheel);
+            # a kernel module that fails to import for any other reason is a bug: fail loudly.
+            if err.name != "triton" and not (err.name or "").startswith("triton."):
+                raise
+            impl = None
+            _UNAVAILABLE[name] = f"Triton is not installed ({err})"
+        IMPLEMENTATIONS[name] = impl
+    return impl
 
 
 def resolve_backend(name: str) -> str:
@@ -83,7 +100,7 @@ def resolve_backend(name: str) -> str:
         return name
     if name not in IMPLEMENTATIONS:
         raise ConfigError(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    if IMPLEMENTATIONS[name] is None:
+    if implementation(name) is None:
         raise ConfigError(f"backend {name!r} cannot run here: {_UNAVAILABLE[name]}; use 'torch' "
                           f"or 'auto'")
     return name
@@ -92,10 +109,10 @@ def resolve_backend(name: str) -> str:
 def _impl(backend: str, x: torch.Tensor) -> Backend:
     if backend == "auto":
         if x.is_cuda:
-            backend = "torch" if _TRITON_MISSING else "triton"
+            backend = "torch" if implementation("triton") is None else "triton"
         else:
             backend = "cpu"
-    impl = IMPLEMENTATIONS.get(backend)
+    impl = implementation(backend)
     if impl is None:  # a name that bypassed resolve_backend: raise its explanation
         resolve_backend(backend)
     return impl

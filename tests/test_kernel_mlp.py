@@ -229,7 +229,7 @@ def test_concatenation_gradcheck_and_opcheck():
 
 def test_dispatch_through_ops():
     from aimnet_fast import ops
-    assert ops.IMPLEMENTATIONS["triton"].elu_mlp is mlp.elu_mlp
+    assert ops.implementation("triton").elu_mlp is mlp.elu_mlp
     net = make_mlp([18, 17, 2], last_activation=False).double()
     x = torch.randn(19, 18, dtype=torch.float64)
     torch.testing.assert_close(ops.elu_mlp(x, net, backend="triton"), net(x), rtol=1e-12, atol=1e-12)

@@ -57,6 +57,24 @@ def test_triton_backend_without_triton_is_refused_when_built(monkeypatch):
                             torch.zeros(1, 4), "triton")
 
 
+def test_cpu_work_never_imports_triton():
+    """A CPU prediction imports neither Triton nor the kernels (a third of a second of start-up
+    for every command); asking for the Triton backend then loads them."""
+    import subprocess
+    import sys
+    code = ("import sys, torch\n"
+            "from aimnet_fast.model import AIMNet\n"
+            "from aimnet_fast import predict, evaluate, ops\n"
+            "m = AIMNet(backend='auto').double()\n"
+            "c = torch.tensor([[0., 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]], dtype=torch.float64)\n"
+            "m(torch.tensor([8, 1, 1]), c, torch.zeros(3, dtype=torch.long), 1)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] == 'triton' or 'kernels' in k))\n"
+            "ops.implementation('triton')\n"
+            "print('aimnet_fast.kernels.mlp' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout
+
+
 class _Refused(Exception):
     pass
 

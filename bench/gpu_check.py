@@ -46,8 +46,8 @@ SECTIONS = {
     2: ("correctness", 120, 75),
     3: ("determinism", 30, 60),
     4: ("speed", 70, 60),
-    5: ("capture", 20, 10),
-    6: ("real run", 90, 50),
+    5: ("capture", 40, 15),
+    6: ("real run", 70, 50),
 }
 
 

@@ -12,6 +12,7 @@ import torch
 from .. import data as D
 from ..batch import Batch
 from ..errors import ConfigError, DataError
+from ..padded import Padding
 from . import config as C
 from .dist import Dist
 
@@ -91,26 +92,38 @@ def val_batches(val_idx: np.ndarray, dist: Dist, mols: int):
 
 
 def device_batches(ds, index_batches: Iterator[np.ndarray], n: int, device: torch.device,
-                   dtype: torch.dtype, prefetch: Optional[bool] = None) -> Iterator[Batch]:
+                   dtype: torch.dtype, prefetch: Optional[bool] = None,
+                   pad: Optional[Callable[[Batch], tuple[Batch, Padding]]] = None) -> Iterator:
     """The batches of the next ``n`` index arrays of ``index_batches``, on ``device`` with
     coordinates in ``dtype``. With ``prefetch`` (default: on CUDA) a background thread assembles the
     next batch (in pinned memory on CUDA) while the current step runs; it then reads one index
-    array ahead of the batches yielded."""
+    array ahead of the batches yielded. With ``pad`` (``CapacityPlan.pad``), each batch is padded
+    on the host and yielded as (padded batch on ``device``, its ``Padding``, the unpadded batch on
+    the host, for a redo with larger capacities)."""
     cuda = device.type == "cuda"
+
+    def assemble(idx, pin: bool = False):
+        b = D.collate(ds, idx)
+        if pad is None:
+            return b.pin_memory() if pin else b
+        padded, padding = pad(b)
+        return (padded.pin_memory() if pin else padded), padding, b
+
+    def to_device(item):
+        if pad is None:
+            return item.to(device, dtype, non_blocking=True)
+        return item[0].to(device, dtype, non_blocking=True), item[1], item[2]
+
     if not (cuda if prefetch is None else prefetch):
         for _ in range(n):
-            yield D.collate(ds, next(index_batches)).to(device, dtype, non_blocking=True)
+            yield to_device(assemble(next(index_batches)))
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    def load(idx) -> Batch:
-        b = D.collate(ds, idx)
-        return b.pin_memory() if cuda else b
-
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(load, next(index_batches)) if n else None
+        pending = pool.submit(assemble, next(index_batches), cuda) if n else None
         for k in range(n):
             batch = pending.result()
             if k + 1 < n:
-                pending = pool.submit(load, next(index_batches))
-            yield batch.to(device, dtype, non_blocking=True)
+                pending = pool.submit(assemble, next(index_batches), cuda)
+            yield to_device(batch)

@@ -242,6 +242,11 @@ class TrainConfig:
     #: On the CPU, flush denormal floats to zero: the AEV Gaussians underflow into denormals, and
     #: arithmetic on them made a CPU training step ~50× slower.
     flush_denormal: bool = True
+    #: Pad every training batch and its neighbor lists to fixed capacities (``aimnet_fast.padded``):
+    #: the step then reads no device value until its flags after the backward (no host sync; the
+    #: shapes a CUDA graph needs), with the same gradients. Lists that overflow their capacities
+    #: are grown and the step redone. Costs the padding's work; meant for GPUs.
+    static_shapes: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

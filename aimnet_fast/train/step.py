@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import ops
 from ..batch import Batch
+from ..padded import NeighborCounts, Padding, build_neighbors_padded
 from . import config as C
 from .dist import Dist
 from .loss import loss_fn, predicted_forces
@@ -23,6 +24,8 @@ class StepResult:
     n_atoms: int = 0     # atoms in the global batch
     stop: bool = False   # some rank asked the run to stop after this step (``stop_vote``)
     flop: float = 0.0    # this rank's counted FLOPs (with ``count_flop``)
+    overflow: bool = False   # some rank's padded lists overflowed: nothing was applied, redo
+    counts: Optional[NeighborCounts] = None   # this rank's list lengths (with ``padding``)
 
 
 def forward(model: nn.Module, batch: Batch, n_pass: int, need_forces: bool,
@@ -39,17 +42,27 @@ def forward(model: nn.Module, batch: Batch, n_pass: int, need_forces: bool,
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                loss_cfg: C.LossConfig, targets: list[str], n_pass: int, dist: Dist,
                grad_clip: float = 0.0, lr_scale: float = 1.0, stop_vote: bool = False,
-               count_flop: Optional[Callable] = None) -> StepResult:
+               count_flop: Optional[Callable] = None,
+               padding: Optional[Padding] = None) -> StepResult:
     """Forward, loss, backward (DDP averages the gradients), and an optimizer step unless the loss
     or a gradient is NaN/inf on any rank: that decision is all-reduced, so every rank skips alike
     and non-finite numbers never reach the weights. ``lr_scale`` multiplies the lr of this step
     only (the warm-up). ``stop_vote`` rides on the same all-reduce: ``StepResult.stop`` is true on
     every rank if any rank voted (a time budget ends all ranks at the same step). With
     ``count_flop(neighbors, n_atoms) -> float`` the neighbor lists are built here, once, so that
-    the step's work can be counted (``StepResult.flop``)."""
+    the step's work can be counted (``StepResult.flop``).
+
+    With ``padding`` (a batch from ``pad_batch``), the lists come from ``build_neighbors_padded``
+    and nothing between ``zero_grad`` and the all-reduce reads a device value: the one host read
+    is the flags after the backward, where the lists' overflow flag rides too. If any rank's lists
+    overflowed, nothing is applied (``StepResult.overflow``): grow the capacities from
+    ``StepResult.counts`` and redo the step on the same molecules."""
     optimizer.zero_grad(set_to_none=True)
-    nb, flop = None, 0.0
-    if count_flop is not None:
+    nb, flop, counts = None, 0.0, None
+    if padding is not None:
+        nb, counts = build_neighbors_padded(batch.coord, batch.mol_idx, batch.offsets,
+                                            padding.cap, padding.ghosts)
+    elif count_flop is not None:
         nb = ops.build_neighbors(batch.coord, batch.mol_idx, getattr(model, "module", model).backend)
         flop = float(count_flop(nb, batch.n_atoms))
     out, forces = forward(model, batch, n_pass, "forces" in targets, neighbors=nb)
@@ -61,11 +74,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
     finite = torch.isfinite(loss.detach())
     if grads:
         finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
-    host = torch.tensor([float(batch.n_mol), float(batch.n_atoms), float(stop_vote)],
+    n_mol, n_atoms = (batch.n_mol, batch.n_atoms) if padding is None else \
+        (padding.n_mol, padding.n_atoms)      # the real ones, not the ghosts
+    host = torch.tensor([float(n_mol), float(n_atoms), float(stop_vote)],
                         dtype=torch.float64, device=loss.device)
-    flags = torch.cat([torch.stack([loss.detach() / dist.world_size, (~finite).to(torch.float64)]), host])
+    overflow = counts.overflow.to(torch.float64) if counts is not None else \
+        torch.zeros((), dtype=torch.float64, device=loss.device)
+    flags = torch.cat([torch.stack([loss.detach() / dist.world_size, (~finite).to(torch.float64),
+                                    overflow]), host])
     flags = dist.all_reduce_sum(flags).tolist()
-    res = StepResult(flags[0], flags[1] == 0, int(flags[2]), int(flags[3]), flags[4] > 0, flop)
+    res = StepResult(flags[0], flags[1] == 0 and flags[2] == 0, int(flags[3]), int(flags[4]),
+                     flags[5] > 0, flop, overflow=flags[2] > 0, counts=counts)
     if not res.ok:
         optimizer.zero_grad(set_to_none=True)
         return res

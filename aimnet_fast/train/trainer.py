@@ -62,6 +62,7 @@ from ..data.checks import check_sae_plausible
 from ..errors import AIMNetError, CheckpointError, TrainingError, report
 from . import config as C
 from ..units import HARTREE_TO_KCALMOL
+from ..padded import CapacityPlan
 from .batches import device_batches, load_data, split_digest, val_batches
 from .dist import Dist, process_settings, setup_distributed, teardown
 from .ema import EMA
@@ -116,6 +117,7 @@ class Trainer:
             atoms_per_batch=cfg.data.atoms_per_batch, shuffle=True, seed=cfg.seed,
             rank=self.dist.rank, world_size=self.dist.world_size)
         self.val_mols = cfg.data.val_mols_per_batch or 2 * cfg.data.mols_per_batch
+        self.capacity = CapacityPlan(self.model.elements[0]) if cfg.static_shapes else None
         # Energies in another unit than declared make an implausible SAE (per source; every rank
         # reaches the same verdict, so none is left waiting).
         for line in check_sae_plausible(self.ds, elements=self.model.elements):
@@ -220,7 +222,8 @@ class Trainer:
         if cfg.max_steps_per_epoch is not None:
             n_steps = min(n_steps, cfg.max_steps_per_epoch)
         batches = device_batches(self.ds, iter(self.train_sampler), n_steps - st.step,
-                                 self.dist.device, self.dtype)
+                                 self.dist.device, self.dtype,
+                                 pad=self.capacity.pad if self.capacity is not None else None)
         deadline, warm = self._deadline(st.phase), cfg.schedule.warmup_steps
         self.log.epoch_begin(phase=st.phase, n_pass=ph.n_pass, epoch=st.epoch, epochs=ph.epochs,
                              n_steps=n_steps, start_step=st.step)
@@ -228,9 +231,7 @@ class Trainer:
         count_flop, peak = self._mfu_counter(ph)
         for batch in batches:
             scale = min(1.0, (st.phase_step + 1) / warm) if warm else 1.0
-            res = train_step(self.ddp, self.optimizer, batch, cfg.loss, self.targets, ph.n_pass,
-                             self.dist, cfg.optim.grad_clip, lr_scale=scale,
-                             stop_vote=self.elapsed() >= deadline, count_flop=count_flop)
+            res = self._train_step(batch, ph, scale, self.elapsed() >= deadline, count_flop)
             st.step += 1
             st.global_step += 1
             st.phase_step += 1
@@ -257,6 +258,29 @@ class Trainer:
                 self.save()
         self.log.epoch_end()
         return cut
+
+    def _train_step(self, batch, ph: C.PhaseConfig, scale: float, stop: bool, count_flop):
+        """``train_step`` on a batch, or with ``static_shapes`` on a padded one, redone with larger
+        capacities while its lists overflow (the capacities grow by a quarter over the counts, so
+        one redo is the rule)."""
+        cfg = self.cfg
+        if self.capacity is None:
+            return train_step(self.ddp, self.optimizer, batch, cfg.loss, self.targets, ph.n_pass,
+                              self.dist, cfg.optim.grad_clip, lr_scale=scale, stop_vote=stop,
+                              count_flop=count_flop)
+        padded, padding, host = batch
+        for _ in range(4):
+            # No FLOP count here: it would count the padding's work as the model's.
+            res = train_step(self.ddp, self.optimizer, padded, cfg.loss, self.targets, ph.n_pass,
+                             self.dist, cfg.optim.grad_clip, lr_scale=scale, stop_vote=stop,
+                             padding=padding)
+            if not res.overflow:
+                return res
+            self.capacity.grow(res.counts)
+            self.log.info(f"padded lists overflowed: capacities grown to {self.capacity.cap}")
+            padded, padding = self.capacity.pad(host)
+            padded = padded.to(self.dist.device, self.dtype, non_blocking=True)
+        raise TrainingError(f"padded lists still overflow after 4 tries ({self.capacity.cap})")
 
     def end_epoch(self, ph: C.PhaseConfig) -> dict:
         """Validate, step the schedule, save ``last.pt`` (and ``best.pt``, ``best_phase<n>.pt``),

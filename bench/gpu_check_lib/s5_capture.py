@@ -1,12 +1,17 @@
-"""Section 5: the training step captured in a CUDA graph. Host syncs (the neighbor search sizes
-its outputs on the host; train_step reads its skip flag with .tolist()) are expected to make the
-full step fail today: the reason is the result. A second attempt hands the model precomputed
-neighbors and drops the host-side skip decision, to show what else stands in the way."""
+"""Section 5: the training step captured in a CUDA graph.
+
+1. The plain ``train_step`` (its neighbor search sizes its lists on the host, it reads its skip
+   flag with ``.tolist()``): expected to fail; the reason is the figure.
+2. Precomputed neighbors and no host-side skip decision: what else stands in the way.
+3. The static-shape step (``aimnet_fast.padded``: batch and lists padded to fixed capacities,
+   neighbor search included, no host sync), with and without forces: the padded loss equals the
+   unpadded one (also in the dry run, on the CPU); a graph of forward + loss + backward replays to
+   the eager loss and gradients; and the full step with a capturable AMSGrad, eager vs replayed."""
 from __future__ import annotations
 
 import torch
 
-from .common import NeedsCuda, fresh_model, median, repeated_batch, sae_of, time_fn
+from .common import CheckFailed, NeedsCuda, fresh_model, median, repeated_batch, sae_of, time_fn
 
 
 def _capture(step, warmup=3):
@@ -88,9 +93,90 @@ def _static_neighbors_step(ctx, n_pass):
             "speedup": round(eager / replay, 2), "molecules_per_s_graph": round(batch.n_mol / replay, 1)}
 
 
+def _padded_step(ctx, n_pass, forces):
+    from aimnet_fast.padded import CapacityPlan, build_neighbors_padded
+    from aimnet_fast.train.config import LossConfig
+    from aimnet_fast.train.loss import active_targets, loss_fn
+    from aimnet_fast.train.step import forward
+    if ctx.dry:   # the reference ops: in Triton's interpreter padded lists take minutes
+        batch = ctx.cached("capture_dry_batch", lambda: repeated_batch(ctx, 4))[0]
+        model = fresh_model(ctx, "torch", sae=sae_of(ctx))
+    else:
+        batch, model, _, _ = _setup(ctx, n_pass)
+    cfg = LossConfig(forces=forces)
+    targets = active_targets(cfg, model.heads.keys(), batch.labels)
+    plan = CapacityPlan(model.elements[0])
+    for _ in range(3):   # the first capacities are a guess: grow until the lists fit
+        pb, pad = plan.pad(batch.to("cpu"))
+        pb = pb.to(ctx.device)
+        _, counts = build_neighbors_padded(pb.coord, pb.mol_idx, pb.offsets, pad.cap, pad.ghosts)
+        if not counts.host()["overflow"]:
+            break
+        plan.grow(counts)
+
+    def loss_of(b, padded: bool):
+        nb = None
+        if padded:
+            nb, _ = build_neighbors_padded(b.coord, b.mol_idx, b.offsets, pad.cap, pad.ghosts)
+        out, f = forward(model, b, n_pass, forces, neighbors=nb)
+        return loss_fn(out, b, cfg, targets, f)
+
+    model.zero_grad(set_to_none=False)
+    plain = loss_of(batch, False).detach()
+    model.zero_grad(set_to_none=False)
+    eager = loss_of(pb, True)
+    eager.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad.detach().clone() for p in params]
+    figs = {"atoms": batch.n_atoms, "padded_atoms": pb.n_atoms, "capacity": str(pad.cap),
+            "loss_rel_diff_padded_vs_plain": abs(float(eager) - float(plain)) / abs(float(plain))}
+    if figs["loss_rel_diff_padded_vs_plain"] > 1e-5:
+        raise CheckFailed("the padded batch's loss differs from the unpadded batch's", figs)
+    if not ctx.cuda:
+        raise NeedsCuda("CUDA graphs (the padded loss equals the plain one: "
+                        f"{figs['loss_rel_diff_padded_vs_plain']:.1e} relative)")
+
+    holder = {}
+
+    def compute():
+        model.zero_grad(set_to_none=False)
+        loss = loss_of(pb, True)
+        loss.backward()
+        holder["loss"] = loss.detach()
+    try:
+        g = _capture(compute, warmup=2)
+    except Exception as e:
+        msg = " ".join(str(e).split())[:400]
+        return {**figs, "_status": "fail", "captured": False,
+                "_note": f"capture failed: {type(e).__name__}: {msg}"}
+    g.replay()
+    torch.cuda.synchronize()
+    figs["graph_loss_rel_diff"] = abs(float(holder["loss"]) - float(eager)) / abs(float(eager))
+    figs["graph_grad_max_rel_diff"] = max(
+        float((p.grad - q).norm() / q.norm().clamp_min(1e-30)) for p, q in zip(params, grads))
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, amsgrad=True, capturable=True)
+
+    def full():
+        compute()
+        opt.step()
+    eager_s = median(time_fn(ctx, full, warmup=3, reps=10))
+    g_full = _capture(full, warmup=0)
+    replay_s = median(time_fn(ctx, g_full.replay, warmup=3, reps=20))
+    figs.update(captured=True, eager_ms=round(eager_s * 1e3, 3), graph_ms=round(replay_s * 1e3, 3),
+                speedup=round(eager_s / replay_s, 2),
+                molecules_per_s_graph=round(batch.n_mol / replay_s, 1))
+    if figs["graph_loss_rel_diff"] > 1e-5 or figs["graph_grad_max_rel_diff"] > 1e-4:
+        raise CheckFailed("the replayed graph's loss or gradients differ from the eager step's", figs)
+    return figs
+
+
 def run(sec, ctx):
     a = sec.sub("full_train_step_T3", _full_step, ctx, 3) or {}
     b = sec.sub("precomputed_neighbors_T3", _static_neighbors_step, ctx, 3) or {}
-    sec.headline = (f"full step captured: {a.get('captured', 'n/a')}; with precomputed neighbors: "
-                    f"{b.get('captured', 'n/a')}"
-                    + (f" ({b['graph_ms']} ms vs {b['eager_ms']} ms eager)" if b.get("graph_ms") else ""))
+    c = sec.sub("static_shapes_T3", _padded_step, ctx, 3, False) or {}
+    sec.sub("static_shapes_T3_forces", _padded_step, ctx, 3, True)
+    sec.headline = (f"static-shape step captured: {c.get('captured', 'n/a')}"
+                    + (f" ({c['graph_ms']} ms vs {c['eager_ms']} ms eager)" if c.get("graph_ms") else "")
+                    + f"; plain step: {a.get('captured', 'n/a')}; with precomputed neighbors: "
+                    f"{b.get('captured', 'n/a')}")

@@ -5,9 +5,17 @@ The reference forms g[t, c] · feat[t, f] for every pair or triplet t (T × 32 �
 angular part, then an ``index_add``), and autograd keeps and gathers as much again. Here the terms
 of each centre atom are laid out in rows of ``width`` slots (a centre with more terms takes several
 rows, the last one padded with zeros), so that the sum over a centre's terms becomes one batched
-matrix product per row, (C × width) @ (width × F), and the rows are summed onto their atoms. Every
-step is a differentiable torch operation, so gradients, and the double backward of force training,
-come from autograd over those products, with the same small intermediates.
+matrix product per row, (C × width) @ (width × F), and the rows are summed onto their atoms.
+
+The centre sum (``CentreSum``) and the AEV terms (``AngularTerms``, ``RadialTerms``) are autograd
+Functions with analytic backwards: differentiating the compositions of torch ops cost as much as
+the forward again (the angular terms' many elementwise products on (T, 32) tensors, the padding and
+gathers of the rows). Each backward is written in differentiable torch ops on the Function's saved
+inputs, so that the double backward of force training comes from autograd over the backward; the
+forward's intermediates serve the plain backward only (no ``create_graph``), where nothing
+differentiates it again. The angular factors are kept with the triplets along the last dimension,
+(8, T) and (4, T), where the CPU's elementwise work vectorizes, and the angular centre sum hands
+back the terms' gradient in that layout (``grad_by_channel``).
 
 The angular terms use cos(θ − θ_z) = cos θ cos θ_z + sin θ sin θ_z with sin θ = sqrt(1 − cos²θ)
 (θ in [0, π]) instead of arccos, and raise to ζ = 8 by three squarings.
@@ -17,13 +25,15 @@ by centre atom (any order is accepted, at the cost of a sort); outputs (N, 16, F
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
-from .aev import cosine_cutoff, radial_terms
+from .aev import cosine_cutoff
 from .constants import (ANGULAR_CUTOFF_A, ANGULAR_ETA_PER_A2, ANGULAR_SECTORS_RAD,
-                        ANGULAR_SHIFTS_A, ANGULAR_ZETA, COS_CLAMP)
+                        ANGULAR_SHIFTS_A, ANGULAR_ZETA, COS_CLAMP, RADIAL_CUTOFF_A,
+                        RADIAL_ETA_PER_A2, RADIAL_SHIFTS_A)
 from .index_memo import IndexMemo
 
 #: Slots per row: a centre with k terms costs ceil(k / width) rows. Narrower rows waste less on
@@ -34,6 +44,13 @@ ANGULAR_ROW_WIDTH = 16
 
 assert ANGULAR_ZETA == 8.0, "angular_terms raises to the power ζ by three squarings"
 
+#: cos θ_z and sin θ_z of the 8 sectors (8, 2), computed once in float64 and rounded per call.
+_SECTORS_COS_SIN = torch.tensor([[math.cos(z), math.sin(z)] for z in ANGULAR_SECTORS_RAD],
+                                dtype=torch.float64)
+_ANGULAR_SHIFTS = torch.tensor(ANGULAR_SHIFTS_A, dtype=torch.float64)
+_RADIAL_SHIFTS = torch.tensor(RADIAL_SHIFTS_A, dtype=torch.float64)
+_ANGULAR_SCALE = 2.0 ** (1.0 - ANGULAR_ZETA)
+
 
 class RowLayout(NamedTuple):
     """Where each term of a centre-sorted list goes in the padded rows.
@@ -41,10 +58,12 @@ class RowLayout(NamedTuple):
     - ``slot_term`` (R · width,) the term in each slot, or T (one past the last) for padding
     - ``row_atom``  (R,) the centre atom of each row
     - ``width``     slots per row
+    - ``term_slot`` (T,) the slot of each term (the inverse of ``slot_term`` on the real slots)
     """
     slot_term: torch.Tensor
     row_atom: torch.Tensor
     width: int
+    term_slot: torch.Tensor
 
 
 def row_layout(centre: torch.Tensor, n_atoms: int, width: int) -> RowLayout:
@@ -65,9 +84,14 @@ def row_layout(centre: torch.Tensor, n_atoms: int, width: int) -> RowLayout:
     term = torch.arange(n_terms, device=device) if order is None else order
     slot_term = torch.full((n_rows * width,), n_terms, dtype=torch.long, device=device)
     slot_term[slot] = term
+    if order is None:
+        term_slot = slot
+    else:
+        term_slot = torch.empty_like(slot)
+        term_slot[order] = slot
     row_atom = torch.repeat_interleave(torch.arange(n_atoms, device=device), rows,
                                        output_size=n_rows)
-    return RowLayout(slot_term, row_atom, width)
+    return RowLayout(slot_term, row_atom, width, term_slot)
 
 
 def _padded(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -109,48 +133,243 @@ def _plan_for(lists, tag: str, centre: torch.Tensor, feat_index: torch.Tensor,
     return plan
 
 
-def centre_sum(terms: torch.Tensor, feat: torch.Tensor, plan: GatherPlan,
-               n_atoms: int) -> torch.Tensor:
+# -- the centre sum ------------------------------------------------------------------------------
+def _rows(x: torch.Tensor, slots: torch.Tensor, n_rows: int, width: int) -> torch.Tensor:
+    """x (K, D) laid out in rows, (R, width, D); ``slots`` (R · width,) as ``_padded``."""
+    return _padded(x, slots).view(n_rows, width, x.shape[1])
+
+
+class CentreSum(torch.autograd.Function):
+    """out[i, c, f] = Σ_{t: centre(t) = i} terms[t, c] · feat[feat_index[t], f], by rows.
+
+    Backward, with dX = d out (N, C, F) gathered per row, dX_r = dX[row_atom] (R, C, F):
+    d terms_rows = feat_rows @ dX_rᵀ (R, width, C), read at each term's slot → (T, C);
+    d feat_rows = terms_rows @ dX_r (R, width, F), summed onto the feature rows → (K, F).
+    Neither forms a (T × C × F) product."""
+
+    @staticmethod
+    def forward(ctx, terms: torch.Tensor, feat: torch.Tensor, plan: GatherPlan, n_atoms: int,
+                grad_by_channel: bool = False) -> torch.Tensor:
+        layout = plan.layout
+        n_rows, w = layout.row_atom.numel(), layout.width
+        t_rows = _rows(terms, layout.slot_term, n_rows, w)
+        f_rows = _rows(feat, plan.slot_feat, n_rows, w)
+        per_row = torch.bmm(t_rows.transpose(1, 2), f_rows)                  # (R, C, F)
+        out = feat.new_zeros(n_atoms, terms.shape[1], feat.shape[1])
+        out.index_add_(0, layout.row_atom, per_row)
+        # The rows, for a backward that is not differentiated again (saves gathering them twice).
+        ctx.save_for_backward(terms, feat, t_rows, f_rows)
+        ctx.plan = plan
+        ctx.grad_by_channel = grad_by_channel
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        terms, feat, t_rows, f_rows = ctx.saved_tensors
+        plan = ctx.plan
+        layout = plan.layout
+        n_rows, w = layout.row_atom.numel(), layout.width
+        need_terms, need_feat = ctx.needs_input_grad[:2]
+        # Under create_graph the rows are gathered again from the saved inputs, so that the double
+        # backward reaches terms and feat; the forward's rows carry no history.
+        create_graph = torch.is_grad_enabled()
+        g_rows = grad_out.index_select(0, layout.row_atom)                   # (R, C, F)
+        d_terms = d_feat = None
+        if need_terms:
+            if create_graph:
+                f_rows = _rows(feat, plan.slot_feat, n_rows, w)
+            C = terms.shape[1]
+            if ctx.grad_by_channel:
+                # (C, R · w), gathered along the slots: d terms as the transposed view of a (C, T)
+                # tensor, cheaper than transposing the (T, C) one afterwards
+                d_slots = torch.bmm(g_rows, f_rows.transpose(1, 2)).permute(1, 0, 2) \
+                    .reshape(C, n_rows * w)
+                d_terms = d_slots.index_select(1, layout.term_slot).t()
+            else:
+                d_slots = torch.bmm(f_rows, g_rows.transpose(1, 2))          # (R, w, C)
+                d_terms = d_slots.view(n_rows * w, C).index_select(0, layout.term_slot)
+        if need_feat:
+            if create_graph:
+                t_rows = _rows(terms, layout.slot_term, n_rows, w)
+            d_slots = torch.bmm(t_rows, g_rows).view(-1, feat.shape[1])     # (R · w, F)
+            # the padding slots read row K: summed there, then dropped
+            d_feat = feat.new_zeros(feat.shape[0] + 1, feat.shape[1]) \
+                .index_add(0, plan.slot_feat, d_slots)[:-1]
+        return d_terms, d_feat, None, None, None
+
+
+def centre_sum(terms: torch.Tensor, feat: torch.Tensor, plan: GatherPlan, n_atoms: int, *,
+               grad_by_channel: bool = False) -> torch.Tensor:
     """out[i, c, f] = Σ_{t: centre(t) = i} terms[t, c] · feat[feat_index[t], f] → (N, C, F).
 
     ``terms`` (T, C), ``feat`` (K, F); ``plan`` from ``gather_plan`` over the same T terms, their
-    centres and feature indices."""
-    layout = plan.layout
-    n_rows = layout.row_atom.numel()
-    C, F = terms.shape[1], feat.shape[1]
-    w = layout.width
-    t_rows = _padded(terms, layout.slot_term).view(n_rows, w, C)
-    f_rows = _padded(feat, plan.slot_feat).view(n_rows, w, F)
-    per_row = torch.bmm(t_rows.transpose(1, 2), f_rows)                      # (R, C, F)
-    return feat.new_zeros(n_atoms, C, F).index_add(0, layout.row_atom, per_row)
+    centres and feature indices. ``grad_by_channel``: the gradient of ``terms`` comes as the
+    transposed view of a contiguous (C, T) tensor (for a backward that works along T)."""
+    return CentreSum.apply(terms, feat, plan, n_atoms, grad_by_channel)
+
+
+# -- the AEV terms -------------------------------------------------------------------------------
+def _cutoff_slope(d: torch.Tensor, cutoff_A: float) -> torch.Tensor:
+    """dfc/dd (1/Å) of ``aev.cosine_cutoff`` at d (Å): zero beyond the cutoff, as the
+    reference's clamp makes it."""
+    x = d / cutoff_A
+    return (-0.5 * math.pi / cutoff_A) * torch.sin(math.pi * x.clamp(max=1.0)) * (x <= 1.0)
+
+
+def _norm(r: torch.Tensor) -> torch.Tensor:
+    """|r| (T,) of r (T, 3), from its columns: on the CPU several times faster than ``norm(dim=1)``
+    over the short rows."""
+    x, y, z = r.unbind(1)
+    return torch.sqrt(x * x + y * y + z * z)
+
+
+class _AngularParts(NamedTuple):
+    """The factors of g_a, all recomputable from r_ij, r_ik, with the triplets along the last
+    dimension: distances (T,) Å, cos θ before and after the clamp, sin θ, the cutoffs fc(d_ij),
+    fc(d_ik), the sector bases b = 1 + cos(θ − θ_z) (8, T) and ang = b^8, the mean distance minus
+    the shifts (4, T) Å and rad = exp(−η · that²)."""
+    d_ij: torch.Tensor
+    d_ik: torch.Tensor
+    cos_raw: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    fc_ij: torch.Tensor
+    fc_ik: torch.Tensor
+    base: torch.Tensor
+    ang: torch.Tensor
+    shifted: torch.Tensor
+    rad: torch.Tensor
+
+
+def _angular_parts(r_ij: torch.Tensor, r_ik: torch.Tensor) -> _AngularParts:
+    # (8, T) and (4, T), not (T, 8) and (T, 4): elementwise work over a long contiguous last
+    # dimension vectorizes, over 8 or 4 it does not (several times slower on the CPU)
+    d_ij, d_ik = _norm(r_ij), _norm(r_ik)
+    cos_raw = (r_ij[:, 0] * r_ik[:, 0] + r_ij[:, 1] * r_ik[:, 1] + r_ij[:, 2] * r_ik[:, 2]) \
+        / (d_ij * d_ik)
+    cos = cos_raw.clamp(-COS_CLAMP, COS_CLAMP)
+    sin = torch.sqrt(1.0 - cos * cos)
+    cs = _SECTORS_COS_SIN.to(r_ij)
+    base = 1.0 + cs[:, :1] * cos + cs[:, 1:] * sin                          # (8, T)
+    a = base * base
+    a = a * a
+    ang = a * a                                                             # (1 + cos(θ − θ_z))^8
+    shifted = 0.5 * (d_ij + d_ik) - _ANGULAR_SHIFTS.to(r_ij)[:, None]        # (4, T)
+    rad = torch.exp(-ANGULAR_ETA_PER_A2 * shifted.square())
+    fc_ij = cosine_cutoff(d_ij, ANGULAR_CUTOFF_A)
+    fc_ik = cosine_cutoff(d_ik, ANGULAR_CUTOFF_A)
+    return _AngularParts(d_ij, d_ik, cos_raw, cos, sin, fc_ij, fc_ik, base, ang, shifted, rad)
+
+
+def _angular_backward(r_ij: torch.Tensor, r_ik: torch.Tensor, p: _AngularParts,
+                      grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """d r_ij, d r_ik (T, 3) from d g_a (T, 32), g[t, z·4 + a] = fc[t] · ang[z, t] · rad[a, t]
+    with fc = 2^(1−ζ) fc(d_ij) fc(d_ik)."""
+    n_z, n_a, n = p.ang.shape[0], p.rad.shape[0], p.ang.shape[1]
+    # (8, 4, T), as the parts; no copy where the gradient comes from centre_sum(grad_by_channel)
+    g = grad.t().contiguous().view(n_z, n_a, n)
+    # Σ_a dG · rad (8, T) and Σ_z dG · ang (4, T) as sums of rows: a product over the whole
+    # (8, 4, T) and a reduction would each pass over it once more
+    by_sector = g[:, 0] * p.rad[0]
+    for a in range(1, n_a):
+        by_sector = torch.addcmul(by_sector, g[:, a], p.rad[a])
+    by_shell = g[0] * p.ang[0]
+    for z in range(1, n_z):
+        by_shell = torch.addcmul(by_shell, g[z], p.ang[z])
+    fc = _ANGULAR_SCALE * p.fc_ij * p.fc_ik
+    d_fc = _ANGULAR_SCALE * (by_sector * p.ang).sum(0)                      # d fc(d_ij) fc(d_ik)
+    b2 = p.base * p.base
+    d_base = (8.0 * fc) * by_sector * (b2 * b2 * b2 * p.base)               # fc · Σ_a dG rad · 8b^7
+    # d/d cos θ of cos θ cos θ_z + sqrt(1 − cos²θ) sin θ_z is cos θ_z − (cos θ / sin θ) sin θ_z
+    cs = _SECTORS_COS_SIN.to(grad)
+    d_cos = ((d_base * cs[:, :1]).sum(0) - (d_base * cs[:, 1:]).sum(0) * p.cos / p.sin) \
+        * (p.cos_raw.abs() <= COS_CLAMP)                                    # clamped: no gradient
+    # mean distance m: d m = fc · Σ_a (Σ_z ang · dG) · rad · (−2η)(m − s_a)
+    d_mean = (-2.0 * ANGULAR_ETA_PER_A2) * fc * (by_shell * p.rad * p.shifted).sum(0)
+    d_dot = d_cos / (p.d_ij * p.d_ik)                                       # cos = dot / (d_ij d_ik)
+    d_ij = 0.5 * d_mean + d_fc * _cutoff_slope(p.d_ij, ANGULAR_CUTOFF_A) * p.fc_ik \
+        - d_cos * p.cos_raw / p.d_ij
+    d_ik = 0.5 * d_mean + d_fc * p.fc_ij * _cutoff_slope(p.d_ik, ANGULAR_CUTOFF_A) \
+        - d_cos * p.cos_raw / p.d_ik
+    d_r_ij = d_dot[:, None] * r_ik + (d_ij / p.d_ij)[:, None] * r_ij
+    d_r_ik = d_dot[:, None] * r_ij + (d_ik / p.d_ik)[:, None] * r_ik
+    return d_r_ij, d_r_ik
+
+
+class AngularTerms(torch.autograd.Function):
+    """g_a (T, 32) from r_ij, r_ik (T, 3) Å, with the analytic backward ``_angular_backward``:
+    d g reduced to the factors (8, T), (4, T), (T,), then to the distances and cos θ, then to the
+    vectors."""
+
+    @staticmethod
+    def forward(ctx, r_ij: torch.Tensor, r_ik: torch.Tensor) -> torch.Tensor:
+        p = _angular_parts(r_ij, r_ik)
+        fc_ang = (_ANGULAR_SCALE * p.fc_ij * p.fc_ik) * p.ang                 # (8, T)
+        # the one product in the (T, 8, 4) layout that centre_sum gathers rows from
+        g = fc_ang.t().contiguous()[:, :, None] * p.rad.t().contiguous()[:, None, :]
+        ctx.save_for_backward(r_ij, r_ik, *p)
+        return g.view(g.shape[0], g.shape[1] * g.shape[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        r_ij, r_ik, *parts = ctx.saved_tensors
+        # under create_graph, the factors again from the saved inputs, so that the double backward
+        # differentiates them too; the forward's carry no history
+        p = _angular_parts(r_ij, r_ik) if torch.is_grad_enabled() else _AngularParts(*parts)
+        return _angular_backward(r_ij, r_ik, p, grad)
 
 
 def angular_terms(r_ij: torch.Tensor, r_ik: torch.Tensor) -> torch.Tensor:
     """g_a (T, 32), channel c = z·4 + a, from the two bond vectors (T, 3) in Å: the reference's
     ``aev.angular_terms`` without arccos."""
-    d_ij = r_ij.norm(dim=1)
-    d_ik = r_ik.norm(dim=1)
-    cos = ((r_ij * r_ik).sum(1) / (d_ij * d_ik)).clamp(-COS_CLAMP, COS_CLAMP)
-    sin = torch.sqrt(1.0 - cos * cos)
-    sectors = torch.tensor(ANGULAR_SECTORS_RAD, dtype=torch.float64)
-    cos_z = sectors.cos().to(r_ij)
-    sin_z = sectors.sin().to(r_ij)
-    a = 1.0 + cos[:, None] * cos_z + sin[:, None] * sin_z                   # (T, 8)
-    a = a * a
-    a = a * a
-    ang = a * a                                                             # (1 + cos(θ − θ_z))^8
-    shifts = torch.tensor(ANGULAR_SHIFTS_A, dtype=r_ij.dtype, device=r_ij.device)
-    rad = torch.exp(-ANGULAR_ETA_PER_A2 * (0.5 * (d_ij + d_ik)[:, None] - shifts).square())  # (T, 4)
-    fc = (2.0 ** (1.0 - ANGULAR_ZETA)) * cosine_cutoff(d_ij, ANGULAR_CUTOFF_A) \
-        * cosine_cutoff(d_ik, ANGULAR_CUTOFF_A)
-    return ((fc[:, None] * ang)[:, :, None] * rad[:, None, :]).reshape(-1, ang.shape[1] * rad.shape[1])
+    return AngularTerms.apply(r_ij, r_ik)
+
+
+def _exp_floored(x: torch.Tensor) -> torch.Tensor:
+    """exp(max(x, log(tiny) + 1)), tiny the smallest normal number of x's dtype: where exp(x)
+    would underflow, e·tiny (3e-38 in float32) instead of 0 or a subnormal, a difference that no
+    sum of terms of order 1e-8 or more can show.
+
+    The radial Gaussians reach exp(−269); torch's vectorized float32 exp takes a path ~13 times
+    slower where its result underflows (measured on this project's 2-core CPU). Never reached in
+    float64 (floor −707)."""
+    return torch.exp(x.clamp(min=math.log(torch.finfo(x.dtype).tiny) + 1.0))
+
+
+def _radial_parts(r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """d (P,) Å, fc(d), d minus the shifts (P, 16) Å and the Gaussians exp(−η (d − s)²)."""
+    d = _norm(r)
+    shifted = d[:, None] - _RADIAL_SHIFTS.to(r)
+    gauss = _exp_floored(-RADIAL_ETA_PER_A2 * shifted.square())
+    return d, cosine_cutoff(d, RADIAL_CUTOFF_A), shifted, gauss
+
+
+class RadialTerms(torch.autograd.Function):
+    """g_r (P, 16) from the bond vectors r (P, 3) Å, as ``aev.radial_terms`` of their lengths;
+    backward: d d = Σ_s dG · gauss · (fc · (−2η)(d − s) + fc'), then d r = d d · r / d."""
+
+    @staticmethod
+    def forward(ctx, r: torch.Tensor) -> torch.Tensor:
+        d, fc, shifted, gauss = _radial_parts(r)
+        ctx.save_for_backward(r, d, fc, shifted, gauss)
+        return gauss * fc[:, None]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        r, *parts = ctx.saved_tensors
+        # as AngularTerms.backward: recomputed under create_graph
+        d, fc, shifted, gauss = _radial_parts(r) if torch.is_grad_enabled() else parts
+        gg = grad * gauss
+        d_d = fc * (-2.0 * RADIAL_ETA_PER_A2) * (gg * shifted).sum(1) \
+            + _cutoff_slope(d, RADIAL_CUTOFF_A) * gg.sum(1)
+        return (d_d / d)[:, None] * r
 
 
 def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor) -> torch.Tensor:
     """x_r[i, s, f] = Σ_j g_r[i, s, j] · afv[j, f]: coord (N, 3) Å, pairs (2, P), afv (N, F)
     → (N, 16, F), as ``aev.radial_contract``."""
     i, j = pairs[0], pairs[1]
-    g = radial_terms((coord.index_select(0, j) - coord.index_select(0, i)).norm(dim=1)).to(afv.dtype)
+    g = RadialTerms.apply(coord.index_select(0, j) - coord.index_select(0, i)).to(afv.dtype)
     n = coord.shape[0]
     plan = _plan_for(pairs, "radial", i, j, afv.shape[0], n, RADIAL_ROW_WIDTH)
     return centre_sum(g, afv, plan, n)
@@ -166,5 +385,4 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
     n = coord.shape[0]
     plan = _plan_for((triplets, triplet_pair), "angular", i, triplet_pair, pair_feat.shape[0], n,
                      ANGULAR_ROW_WIDTH)
-    return centre_sum(g, pair_feat, plan, n)
-
+    return centre_sum(g, pair_feat, plan, n, grad_by_channel=True)

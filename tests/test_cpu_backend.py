@@ -2,7 +2,11 @@
 (``aimnet_fast.aev``): values, gradients and the double backward of force training, on fresh random
 inputs with centres of 0 to 2·width+1 terms (every row boundary), on lists in any order, and on the
 real molecules of shared/reference with the released model, in float64 (1e-10) and in float32
-(no further from the float64 reference than the reference's own float32 run)."""
+(no further from the float64 reference than the reference's own float32 run); and the analytic
+backwards of its autograd Functions (CentreSum, AngularTerms, RadialTerms) and their derivatives
+against finite differences (gradcheck, gradgradcheck, float64)."""
+import math
+
 import pytest
 import torch
 
@@ -121,6 +125,109 @@ def test_angular_terms_without_arccos_equal_the_reference_at_the_clamp():
     g_got = torch.autograd.grad((got * w).sum(), (r_ij, r_ik))
     for a, b in zip(g_got, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# -- the analytic backwards of the Functions, against finite differences ---------------------------
+def _bond_vectors(lengths, angles, seed):
+    """Pairs of bond vectors (T, 3) Å with the given lengths (T, 2) and angles θ (T,) between them,
+    in random orientations."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(angles)
+    q, _ = torch.linalg.qr(torch.randn(n, 3, 3, generator=g, dtype=torch.float64))
+    u, v = q[:, :, 0], q[:, :, 1]
+    theta = torch.tensor(angles, dtype=torch.float64)[:, None]
+    d = torch.tensor(lengths, dtype=torch.float64)
+    return d[:, :1] * u, d[:, 1:] * (theta.cos() * u + theta.sin() * v)
+
+
+def _triplet_inputs():
+    """Angles near 0 and π on both sides of the clamp (θ = 0.001 and π − 0.001 are clamped, 0.01
+    and π − 0.01 are not), distances near and beyond the angular cutoff (3.1 Å), and random ones."""
+    g = torch.Generator().manual_seed(11)
+    angles = [0.001, 0.01, 0.3, math.pi / 2, 2.0, math.pi - 0.01, math.pi - 0.001, 1.0, 1.0, 2.5]
+    lengths = [[1.0, 1.1], [1.4, 0.9], [3.099, 1.2], [2.0, 3.0999], [3.05, 3.09], [1.0, 1.5],
+               [1.2, 2.2], [1.1, 3.2], [3.3, 1.0], [0.7, 0.8]]
+    angles += (torch.rand(6, generator=g, dtype=torch.float64) * math.pi).tolist()
+    lengths += (0.6 + 2.4 * torch.rand(6, 2, generator=g, dtype=torch.float64)).tolist()
+    return _bond_vectors(lengths, angles, seed=12)
+
+
+def test_angular_terms_gradcheck_and_gradgradcheck():
+    """The analytic backward (from the forward's saved factors) and its autograd-differentiated
+    form under create_graph (from factors recomputed) against finite differences; the values
+    against the reference's arccos form."""
+    r_ij, r_ik = _triplet_inputs()
+    torch.testing.assert_close(cpu_aev.angular_terms(r_ij, r_ik), aev.angular_terms(r_ij, r_ik),
+                               rtol=1e-12, atol=1e-14)
+    r_ij.requires_grad_(True)
+    r_ik.requires_grad_(True)
+    assert torch.autograd.gradcheck(cpu_aev.angular_terms, (r_ij, r_ik))
+    assert torch.autograd.gradgradcheck(cpu_aev.angular_terms, (r_ij, r_ik))
+
+
+def test_radial_terms_gradcheck_and_gradgradcheck():
+    """Distances from 0.6 Å to beyond the radial cutoff (4.6 Å); in float32 the Gaussians that
+    underflow (exp down to exp(−269)) still give the reference's values."""
+    g = torch.Generator().manual_seed(13)
+    d = torch.cat([torch.tensor([0.6, 1.0, 4.5, 4.599, 4.7], dtype=torch.float64),
+                   0.6 + 4.0 * torch.rand(10, generator=g, dtype=torch.float64)])
+    u = torch.nn.functional.normalize(torch.randn(d.numel(), 3, generator=g, dtype=torch.float64))
+    r = (d[:, None] * u).requires_grad_(True)
+    torch.testing.assert_close(cpu_aev.RadialTerms.apply(r), aev.radial_terms(d),
+                               rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(cpu_aev.RadialTerms.apply, (r,))
+    assert torch.autograd.gradgradcheck(cpu_aev.RadialTerms.apply, (r,))
+    r32 = r.detach().float()
+    want = aev.radial_terms(d)
+    got32 = cpu_aev.RadialTerms.apply(r32).double()
+    err_ref32 = (aev.radial_terms(r32.norm(dim=1)).double() - want).abs().max()
+    assert (got32 - want).abs().max() <= 2 * err_ref32 + 1e-7
+    underflow = want < 1e-38
+    assert underflow.sum() > 10 and (got32[underflow] < 1e-37).all()
+
+
+@pytest.mark.parametrize("grad_by_channel", [False, True])
+def test_centre_sum_gradcheck_and_gradgradcheck(grad_by_channel):
+    """Centres in any order with 0 to 8 terms (rows of 3 slots: empty, partial, full and several
+    rows), feature rows read by several terms or none."""
+    g = torch.Generator().manual_seed(14)
+    centre = torch.tensor([4, 0, 2, 4, 4, 2, 0, 4, 4, 2, 4, 4, 6, 2, 4, 0, 6, 6])  # atoms 1, 3, 5: none
+    n_atoms, C, K, F = 7, 4, 6, 3
+    feat_index = torch.randint(0, K - 1, (centre.numel(),), generator=g)      # row K − 1: unread
+    plan = cpu_aev.gather_plan(centre, feat_index, K, n_atoms, width=3)
+    terms = torch.randn(centre.numel(), C, generator=g, dtype=torch.float64, requires_grad=True)
+    feat = torch.randn(K, F, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(t, f):
+        return cpu_aev.centre_sum(t, f, plan, n_atoms, grad_by_channel=grad_by_channel)
+
+    want = torch.zeros(n_atoms, C, F, dtype=torch.float64).index_add_(
+        0, centre, terms[:, :, None] * feat[feat_index][:, None, :])
+    torch.testing.assert_close(fn(terms, feat), want, rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(fn, (terms, feat))
+    assert torch.autograd.gradgradcheck(fn, (terms, feat))
+    (d_terms,) = torch.autograd.grad(fn(terms, feat).sum(), terms)
+    assert d_terms.t().is_contiguous() == grad_by_channel   # the layout the docstring promises
+
+
+@pytest.mark.parametrize("which", ["radial", "angular"])
+def test_plain_backward_equals_the_reference(which):
+    """Gradients without create_graph, from the forward's saved intermediates (the double-backward
+    test above takes the recomputing path), in float64."""
+    coord, nb, afv, pair_feat = _inputs(8)
+    w = None
+    grads = []
+    for impl in (aev, cpu_aev):
+        c = coord.clone().requires_grad_(True)
+        feat = (afv if which == "radial" else pair_feat).clone().requires_grad_(True)
+        out = impl.radial_contract(c, nb.radial, feat) if which == "radial" else \
+            impl.angular_contract(c, nb.triplets, feat, nb.triplet_pair)
+        if w is None:
+            w = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=out.dtype)
+        grads.append(torch.autograd.grad((out * w).sum(), (c, feat)))
+    for name, r, x in zip(("d/dcoord", "d/dfeat"), *grads):
+        err = (x - r).abs().max() / r.abs().max().clamp(min=1.0)
+        assert err < 1e-10, f"{which} {name}: relative error {err:.3g}"
 
 
 # -- the whole model on real molecules ------------------------------------------------------------

@@ -124,16 +124,21 @@ def test_pad_batch_refuses_what_does_not_fit_and_masks_the_ghosts():
         torch.testing.assert_close(mask[:n_real], b.masks.get(name, torch.ones(n_real, dtype=torch.bool)))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
 def test_padded_batch_gives_the_unpadded_energies_forces_loss_and_gradients(backend):
     """Float64, a force loss (double backward) on every target: the real molecules' outputs and
-    every parameter gradient equal the unpadded batch's to rounding."""
+    every parameter gradient equal the unpadded batch's to rounding. The Triton kernels (the
+    GPU path, here interpreted) see the ghost padding too."""
     torch.manual_seed(0)
     model = AIMNet(backend=backend).double()
-    b = _random_batch(5, (3, 11, 1, 24, 8, 17))
+    small = backend == "triton"    # the interpreter: few atoms, tight capacities
+    b = _random_batch(5, (3, 6, 1, 5) if small else (3, 11, 1, 24, 8, 17))
     cfg = LossConfig(forces=True)
     targets = ["energy", "charges", "forces"]
-    pb, pad = pad_batch(b, Capacity.for_batch(b))
+    cap = Capacity.for_batch(b, atoms_round=8, molecules_round=2, pairs_per_atom=12,
+                             angular_per_atom=8, triplets_per_atom=12, unique_per_atom=8) \
+        if small else Capacity.for_batch(b)
+    pb, pad = pad_batch(b, cap)
 
     def run(batch, neighbors):
         model.zero_grad(set_to_none=True)
@@ -166,7 +171,7 @@ def test_no_host_sync_and_no_data_dependent_shape():
     """The padded search, and a forward + loss + backward on its lists, run under FakeTensorMode:
     tensors there have shapes but no values, so ``.item()``, ``bool(t)``, a boolean-mask index,
     ``torch.unique`` or ``nonzero`` would raise. Every output's shape follows from the capacities."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
     b = _random_batch(6, (4, 9, 15), dtype=torch.float32)
     cap = Capacity.for_batch(b)
     pb, pad = pad_batch(b, cap)
@@ -181,6 +186,9 @@ def test_no_host_sync_and_no_data_dependent_shape():
         assert nb.triplets.shape == (3, cap.triplets) and nb.pairs.shape == (2, cap.unique_pairs)
         assert out["energy"].shape == (cap.molecules,)
         assert counts.overflow.shape == ()
+        # The control: the reference search sizes its lists on the host, and is caught.
+        with pytest.raises(DataDependentOutputException):
+            build_neighbors(fb.coord, fb.mol_idx)
 
 
 def test_static_shapes_training_equals_plain_training_through_overflows(tmp_path, monkeypatch, capsys):

@@ -52,8 +52,8 @@ class Capacity:
     unique_pairs: int
 
     @classmethod
-    def for_batch(cls, batch: Batch, pairs_per_atom: int = 32, angular_per_atom: int = 12,
-                  triplets_per_atom: int = 40, unique_per_atom: int = 16,
+    def for_batch(cls, batch: Batch, pairs_per_atom: int = 24, angular_per_atom: int = 10,
+                  triplets_per_atom: int = 28, unique_per_atom: int = 14,
                   atoms_round: int = 256, molecules_round: int = 16) -> "Capacity":
         """Capacities for ``batch`` (host values only, no device read): atoms and molecules
         rounded up, with room for the ghosts, so that most batches of a run share one set (one

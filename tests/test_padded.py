@@ -2,7 +2,6 @@
 the unpadded model: the same lists in their first slots, ghosts after; the same energies, forces,
 loss and parameter gradients; overflow flagged, never a silent truncation; and no host sync, which
 FakeTensorMode proves on the CPU (it has no values: any op that needs one raises)."""
-import copy
 
 import pytest
 import torch

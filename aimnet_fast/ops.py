@@ -6,7 +6,8 @@ Backends (``BACKENDS``):
 
 - ``"torch"``  the reference: ``aimnet_fast.aev``, ``aimnet_fast.neighbors``, ``torch.nn``
 - ``"cpu"``    the fast CPU backend: ``aimnet_fast.cpu_aev``'s contractions (row-blocked matrix
-  products instead of the reference's per-term products), the reference's neighbors and MLPs
+  products and analytic backwards instead of the reference's per-term products), the reference's
+  neighbors and MLPs
 - ``"triton"`` the kernels (CUDA tensors, or any tensors under TRITON_INTERPRET=1)
 - ``"auto"``   Triton for CUDA tensors where it is installed, the fast CPU backend for CPU tensors;
   decided per call from the tensors' device, because a model is often built on the CPU and moved

@@ -94,6 +94,13 @@ def test_padded_lists_on_random_molecules_with_lone_atoms(seed):
     _check_lists(b, *_padded_lists(b))
 
 
+def test_padded_lists_with_no_triplets_or_no_pairs_at_all():
+    """Only lone atoms (every list empty: all padding), and one diatomic (pairs, no triplets)."""
+    for sizes in ((1, 1, 1), (2,)):
+        b = _random_batch(9, sizes, labels=False)
+        _check_lists(b, *_padded_lists(b))
+
+
 def test_overflow_is_flagged_and_grown_capacities_hold_the_lists():
     b = _random_batch(3, (12, 30, 9), labels=False)
     full = Capacity.for_batch(b)

@@ -326,14 +326,19 @@ class Trainer:
                        improved=best, elapsed_s=self.elapsed(), columns=self.columns, recorded=True)
         return row
 
-    def validate(self, n_pass: int) -> dict:
-        """Losses and errors over the whole validation set (all ranks together)."""
-        m = Metrics(self.targets, n_pass, self.cfg.loss, device=self.dist.device)
+    def _val_outputs(self, n_pass: int):
+        """(conformer indices, batch, outputs, forces or None) of this rank's validation batches."""
         need_forces = "forces" in self.targets
         for idx in val_batches(self.val_idx, self.dist, self.val_mols):
             batch = D.collate(self.ds, idx).to(self.dist.device, self.dtype, non_blocking=True)
             with torch.set_grad_enabled(need_forces):
                 out, forces = forward(self.model, batch, n_pass, need_forces, create_graph=False)
+            yield idx, batch, out, forces
+
+    def validate(self, n_pass: int) -> dict:
+        """Losses and errors over the whole validation set (all ranks together)."""
+        m = Metrics(self.targets, n_pass, self.cfg.loss, device=self.dist.device)
+        for _, batch, out, forces in self._val_outputs(n_pass):
             m.update(out, batch, forces)
         m.sums = self.dist.all_reduce_sum(m.sums)
         return m.summary()
@@ -343,11 +348,7 @@ class Trainer:
         are not finite (labels cannot be: ``collate`` masks non-finite ones); every rank looks at
         its share."""
         bad = []
-        need_forces = "forces" in self.targets
-        for idx in val_batches(self.val_idx, self.dist, self.val_mols):
-            batch = D.collate(self.ds, idx).to(self.dist.device, self.dtype)
-            with torch.set_grad_enabled(need_forces):
-                out, forces = forward(self.model, batch, n_pass, need_forces, create_graph=False)
+        for idx, batch, out, forces in self._val_outputs(n_pass):
             ok_atom = torch.ones(batch.n_atoms, dtype=torch.bool, device=batch.coord.device)
             ok = torch.ones(batch.n_mol, dtype=torch.bool, device=batch.coord.device)
             for t in self.targets:

@@ -10,6 +10,7 @@ rate, molecules/s, atoms/s and, where given, the model-FLOPs utilisation.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional, TextIO
 
+from ..checkpoint import write_atomic
 from ..errors import ConfigError
 from ..units import REPORT_UNITS
 
@@ -226,13 +228,12 @@ class RunLog:
     def _write_csv(self, columns: list[str]) -> None:
         if not self.is_main:
             return
-        tmp = self.metrics_path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            w.writeheader()
-            for r in self.rows:
-                w.writerow(r)
-        os.replace(tmp, self.metrics_path)
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow(r)
+        write_atomic(self.metrics_path, text.getvalue().encode())
 
     def _plot(self) -> None:
         if not (self.plot_enabled and self.is_main and self.rows):
@@ -241,9 +242,9 @@ class RunLog:
             fig = learning_curve_figure(self.rows)
         except ImportError:
             return
-        tmp = self.run_dir / ".learning_curve.png.tmp"
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, self.run_dir / "learning_curve.png")
+        png = io.BytesIO()
+        fig.savefig(png, dpi=100, format="png")
+        write_atomic(self.run_dir / "learning_curve.png", png.getvalue())
 
     # -- TensorBoard -------------------------------------------------------------------------
     def tensorboard(self) -> Optional[object]:

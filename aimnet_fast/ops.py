@@ -6,8 +6,8 @@ Backends (``BACKENDS``):
 
 - ``"torch"``  the reference: ``aimnet_fast.aev``, ``aimnet_fast.neighbors``, ``torch.nn``
 - ``"cpu"``    the fast CPU backend: ``aimnet_fast.cpu_aev``'s contractions (row-blocked matrix
-  products and analytic backwards instead of the reference's per-term products), the reference's
-  neighbors and MLPs
+  products and analytic backwards instead of the reference's per-term products),
+  ``aimnet_fast.cpu_mlp``'s MLPs (the ELU in place), the reference's neighbors
 - ``"triton"`` the kernels (CUDA tensors, or any tensors under TRITON_INTERPRET=1)
 - ``"auto"``   Triton for CUDA tensors where it is installed, the fast CPU backend for CPU tensors;
   decided per call from the tensors' device, because a model is often built on the CPU and moved
@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from . import aev, cpu_aev
+from . import aev, cpu_aev, cpu_mlp
 from . import neighbors as reference_neighbors
 from .errors import ConfigError
 
@@ -52,7 +52,8 @@ def _sequential_cat(x1: torch.Tensor, x2: torch.Tensor, layers: nn.Sequential,
 TORCH = Backend(aev.radial_contract, aev.angular_contract, _sequential, _sequential_cat,
                 reference_neighbors.build_neighbors)
 CPU = TORCH._replace(radial_contract=cpu_aev.radial_contract,
-                     angular_contract=cpu_aev.angular_contract)
+                     angular_contract=cpu_aev.angular_contract,
+                     elu_mlp=cpu_mlp.elu_mlp, elu_mlp_cat=cpu_mlp.elu_mlp_cat)
 
 #: Stands for the Triton backend until its first use: importing Triton and compiling nothing
 #: still costs ~0.3 s, which every CPU-only command (predict, evaluate, a CPU training run) paid.

@@ -93,11 +93,13 @@ def test_budget_with_phase_fractions_reaches_every_phase_and_resumes_with_more(t
     p2 = [r for r in rows if r["phase"] == "2"]
     assert p1 and p2, "a budgeted run reaches the T=3 phase"
     # Phase 1 ran until its share of the budget (its epochs never run out), phase 2 until the end.
-    assert float(p1[-1]["time_s"]) >= budget / 2
+    # The phase ends at the first check after its deadline, which follows the epoch's row (its
+    # time stamp can be just short of the deadline); phase 2's first row is past it.
+    assert f"its share of max_time is used ({budget / 2:.0f} s)" in out
     assert float(p2[0]["time_s"]) >= budget / 2
-    assert float(rows[-1]["time_s"]) >= budget
     last = record(run / "last.pt")["training"]["state"]
     assert last["stopped"] == "max_time" and last["phase"] == 1
+    assert last["elapsed_s"] >= budget     # the last row, like phase 1's, may be stamped just before
     assert "max_time reached" in out and (run / "best.pt").exists()
     assert json.loads((run / "test_metrics.json").read_text())["validation"]["all"]["energy"]
 

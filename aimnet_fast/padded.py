@@ -59,9 +59,8 @@ class Capacity:
         rounded up, with room for the ghosts, so that most batches of a run share one set (one
         graph); list widths per atom from the densities of organic molecules at 4.6 / 3.1 Å,
         grown where a batch overflows them."""
-        sizes = batch.offsets.cpu()
-        n_atoms, n_mol = int(sizes[-1]), sizes.numel() - 1
-        max_atoms = int((sizes[1:] - sizes[:-1]).max()) if n_mol else 1
+        n_atoms, n_mol = batch.n_atoms, batch.n_mol
+        max_atoms = int(batch.mol_sizes.max()) if n_mol else 1
         molecules = _round_up(n_mol + 1, molecules_round)
         atoms = _round_up(n_atoms + max(MIN_GHOSTS, molecules - n_mol), atoms_round)
         return cls(atoms=atoms, molecules=molecules,
@@ -73,10 +72,9 @@ class Capacity:
         """Whether ``batch`` can be padded to these atoms and molecules (host values only): at
         least MIN_GHOSTS ghost atoms, one ghost molecule, and no ghost molecule without an atom
         (its energy per atom would be 0/0, and NaN times a zero weight is still NaN)."""
-        sizes = batch.offsets.cpu()
-        n_mol = sizes.numel() - 1
-        biggest = int((sizes[1:] - sizes[:-1]).max()) if n_mol else 0
-        ghosts, ghost_mols = self.atoms - int(sizes[-1]), self.molecules - n_mol
+        n_mol = batch.n_mol
+        biggest = int(batch.mol_sizes.max()) if n_mol else 0
+        ghosts, ghost_mols = self.atoms - batch.n_atoms, self.molecules - n_mol
         return ghosts >= max(MIN_GHOSTS, ghost_mols) and ghost_mols >= 1 and biggest <= self.max_atoms
 
     def grown(self, counts: "NeighborCounts") -> "Capacity":

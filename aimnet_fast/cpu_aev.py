@@ -365,23 +365,62 @@ class RadialTerms(torch.autograd.Function):
         return (d_d / d)[:, None] * r
 
 
-def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor) -> torch.Tensor:
+class AevTerms(NamedTuple):
+    """The AEV terms of one neighbor list, which depend on the coordinates alone: the model's T
+    passes contract the same terms with other features, so they are computed (and, backward,
+    differentiated) once per forward instead of once per pass. ``radial`` g_r (P, 16) and
+    ``angular`` g_a (T, 32), with autograd history to the coordinates; ``lists`` the index tensors
+    they belong to (radial pairs, triplets), checked by identity when used."""
+    radial: torch.Tensor
+    angular: torch.Tensor
+    lists: tuple[torch.Tensor, torch.Tensor]
+
+
+def _radial_terms(coord: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    return RadialTerms.apply(coord.index_select(0, pairs[1]) - coord.index_select(0, pairs[0]))
+
+
+def _angular_terms(coord: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
+    r_i = coord.index_select(0, triplets[0])
+    return angular_terms(coord.index_select(0, triplets[1]) - r_i,
+                         coord.index_select(0, triplets[2]) - r_i)
+
+
+def aev_terms(coord: torch.Tensor, nb) -> AevTerms:
+    """The terms of ``nb`` (a ``Neighbors``) at coord (N, 3) Å, for ``radial_contract`` and
+    ``angular_contract``'s ``terms``."""
+    return AevTerms(_radial_terms(coord, nb.radial), _angular_terms(coord, nb.triplets),
+                    (nb.radial, nb.triplets))
+
+
+def _given(terms: AevTerms, which: int, index: torch.Tensor) -> torch.Tensor:
+    if terms.lists[which] is not index:
+        raise ValueError("AEV terms of another neighbor list: build them with aev_terms(coord, nb) "
+                         "from the list passed here")
+    return terms[which]
+
+
+def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor,
+                    terms: AevTerms | None = None) -> torch.Tensor:
     """x_r[i, s, f] = Σ_j g_r[i, s, j] · afv[j, f]: coord (N, 3) Å, pairs (2, P), afv (N, F)
-    → (N, 16, F), as ``aev.radial_contract``."""
+    → (N, 16, F), as ``aev.radial_contract``; the terms from ``terms`` when given (built by
+    ``aev_terms`` for these pairs), else from coord."""
     i, j = pairs[0], pairs[1]
-    g = RadialTerms.apply(coord.index_select(0, j) - coord.index_select(0, i)).to(afv.dtype)
+    g = _radial_terms(coord, pairs) if terms is None else _given(terms, 0, pairs)
+    g = g.to(afv.dtype)
     n = coord.shape[0]
     plan = _plan_for(pairs, "radial", i, j, afv.shape[0], n, RADIAL_ROW_WIDTH)
     return centre_sum(g, afv, plan, n)
 
 
 def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: torch.Tensor,
-                     triplet_pair: torch.Tensor) -> torch.Tensor:
+                     triplet_pair: torch.Tensor, terms: AevTerms | None = None) -> torch.Tensor:
     """x_a[i, c, f] = Σ_{j<k} g_a[i, c, jk] · p_jk[f]: coord (N, 3) Å, triplets (3, T),
-    pair_feat (Q, F), triplet_pair (T,) → (N, 32, F), as ``aev.angular_contract``."""
-    i, j, k = triplets[0], triplets[1], triplets[2]
-    r_i = coord.index_select(0, i)
-    g = angular_terms(coord.index_select(0, j) - r_i, coord.index_select(0, k) - r_i).to(pair_feat.dtype)
+    pair_feat (Q, F), triplet_pair (T,) → (N, 32, F), as ``aev.angular_contract``; the terms as
+    ``radial_contract``'s."""
+    i = triplets[0]
+    g = _angular_terms(coord, triplets) if terms is None else _given(terms, 1, triplets)
+    g = g.to(pair_feat.dtype)
     n = coord.shape[0]
     plan = _plan_for((triplets, triplet_pair), "angular", i, triplet_pair, pair_feat.shape[0], n,
                      ANGULAR_ROW_WIDTH)

@@ -98,10 +98,12 @@ class AIMNet(nn.Module):
         return self.mlp(self.combine_mlp, torch.cat([afv_j + afv_k, afv_j * afv_k], dim=1))
 
     def embed(self, coord: torch.Tensor, nb: Neighbors, afv: torch.Tensor,
-              pair_feat: torch.Tensor) -> torch.Tensor:
-        """Embedded AEV e_i (N, 256) from the features of every atom and every triplet pair."""
-        x_r = ops.radial_contract(coord, nb.radial, afv, self.backend)
-        x_a = ops.angular_contract(coord, nb.triplets, pair_feat, nb.triplet_pair, self.backend)
+              pair_feat: torch.Tensor, terms=None) -> torch.Tensor:
+        """Embedded AEV e_i (N, 256) from the features of every atom and every triplet pair;
+        ``terms`` from ``ops.aev_terms`` (None: the backend computes them)."""
+        x_r = ops.radial_contract(coord, nb.radial, afv, self.backend, terms=terms)
+        x_a = ops.angular_contract(coord, nb.triplets, pair_feat, nb.triplet_pair, self.backend,
+                                   terms=terms)
         return self.mlp_cat(self.embedding_mlp, x_r.flatten(1), x_a.flatten(1))
 
     def species(self, numbers: torch.Tensor) -> torch.Tensor:
@@ -115,6 +117,7 @@ class AIMNet(nn.Module):
         if n_mol is None:
             n_mol = int(mol_idx[-1]) + 1 if mol_idx.numel() else 0
         nb = ops.build_neighbors(coord, mol_idx, self.backend) if neighbors is None else neighbors
+        terms = ops.aev_terms(coord, nb, self.backend)
         species = self.species(numbers)
         afv = self.afv_table[species]
 
@@ -123,14 +126,14 @@ class AIMNet(nn.Module):
         t = self.afv_table
         table = self.pair_features(t.repeat_interleave(n_el, 0), t.repeat(n_el, 1))
         pair_feat = table[species[nb.pairs[0]] * n_el + species[nb.pairs[1]]]
-        e = self.embed(coord, nb, afv, pair_feat)
+        e = self.embed(coord, nb, afv, pair_feat, terms)
 
         aims = []
         for p in range(n_pass):
             if p > 0:
                 afv = afv + self.mlp_cat(self.update_mlp, e, afv)
                 pair_feat = self.pair_features(afv[nb.pairs[0]], afv[nb.pairs[1]])
-                e = self.embed(coord, nb, afv, pair_feat)
+                e = self.embed(coord, nb, afv, pair_feat, terms)
             if all_passes or p == n_pass - 1:
                 aims.append(self.mlp_cat(self.interact_mlp, e, afv))
         return self.heads_output(torch.stack(aims), species, mol_idx, n_mol)

@@ -38,6 +38,9 @@ class Backend(NamedTuple):
     elu_mlp: Callable              # (x, layers, precision) -> (M, out)
     elu_mlp_cat: Callable          # (x1, x2, layers, precision) -> (M, out)
     build_neighbors: Callable      # (coord, mol_idx) -> Neighbors
+    #: (coord, nb) -> the AEV terms that the T passes share, passed back to the contractions as
+    #: ``terms=``; None for a backend that computes them inside its contractions (the kernels)
+    aev_terms: Callable | None = None
 
 
 def _sequential(x: torch.Tensor, layers: nn.Sequential, precision: str) -> torch.Tensor:
@@ -53,7 +56,8 @@ TORCH = Backend(aev.radial_contract, aev.angular_contract, _sequential, _sequent
                 reference_neighbors.build_neighbors)
 CPU = TORCH._replace(radial_contract=cpu_aev.radial_contract,
                      angular_contract=cpu_aev.angular_contract,
-                     elu_mlp=cpu_mlp.elu_mlp, elu_mlp_cat=cpu_mlp.elu_mlp_cat)
+                     elu_mlp=cpu_mlp.elu_mlp, elu_mlp_cat=cpu_mlp.elu_mlp_cat,
+                     aev_terms=cpu_aev.aev_terms)
 
 #: Stands for the Triton backend until its first use: importing Triton and compiling nothing
 #: still costs ~0.3 s, which every CPU-only command (predict, evaluate, a CPU training run) paid.
@@ -120,12 +124,25 @@ def _impl(backend: str, x: torch.Tensor) -> Backend:
     return impl
 
 
-def radial_contract(coord, pairs, afv, backend: str = "auto"):
-    return _impl(backend, coord).radial_contract(coord, pairs, afv)
+def aev_terms(coord: torch.Tensor, nb: reference_neighbors.Neighbors, backend: str = "auto"):
+    """The AEV terms of ``nb`` at ``coord`` where the backend shares them between the passes'
+    contractions (give them back as ``terms=``), else None."""
+    make = _impl(backend, coord).aev_terms
+    return None if make is None else make(coord, nb)
 
 
-def angular_contract(coord, triplets, pair_feat, triplet_pair, backend: str = "auto"):
-    return _impl(backend, coord).angular_contract(coord, triplets, pair_feat, triplet_pair)
+def radial_contract(coord, pairs, afv, backend: str = "auto", terms=None):
+    impl = _impl(backend, coord)
+    if terms is None:
+        return impl.radial_contract(coord, pairs, afv)
+    return impl.radial_contract(coord, pairs, afv, terms=terms)
+
+
+def angular_contract(coord, triplets, pair_feat, triplet_pair, backend: str = "auto", terms=None):
+    impl = _impl(backend, coord)
+    if terms is None:
+        return impl.angular_contract(coord, triplets, pair_feat, triplet_pair)
+    return impl.angular_contract(coord, triplets, pair_feat, triplet_pair, terms=terms)
 
 
 def elu_mlp(x: torch.Tensor, layers: nn.Sequential, backend: str = "auto",

@@ -342,6 +342,45 @@ def test_model_builds_two_plans_per_forward(released_models, reference_batch, mo
     assert len(out["passes"]["energy"]) == 3 and len(built) == 2  # T = 3 passes, one plan each
 
 
+def test_the_passes_share_one_computation_of_the_terms(released_models, reference_batch,
+                                                       monkeypatch):
+    """The T passes contract the same AEV terms: computed once per forward (and differentiated
+    once backward), with the reference's forces."""
+    calls = {"radial": 0, "angular": 0}
+    for name, which in (("RadialTerms", "radial"), ("AngularTerms", "angular")):
+        fn = getattr(cpu_aev, name)
+        real = fn.forward
+        monkeypatch.setattr(fn, "forward", staticmethod(
+            lambda ctx, *a, real=real, which=which: calls.__setitem__(which, calls[which] + 1)
+            or real(ctx, *a)))
+    import copy
+    model = copy.deepcopy(released_models[0]).double()
+    b = reference_batch
+    forces = {}
+    for backend in ("cpu", "torch"):
+        model.backend = backend
+        c = b.coord.double().requires_grad_(True)
+        e = model(b.numbers, c, b.mol_idx, b.n_mol)["energy"]
+        forces[backend] = -torch.autograd.grad(e.sum(), c)[0]
+    assert calls == {"radial": 1, "angular": 1}
+    torch.testing.assert_close(forces["cpu"], forces["torch"], rtol=0, atol=1e-10)
+
+
+def test_terms_of_another_list_are_refused():
+    coord, nb, afv, pair_feat = _inputs(6)
+    terms = cpu_aev.aev_terms(coord, nb)
+    torch.testing.assert_close(cpu_aev.radial_contract(coord, nb.radial, afv, terms=terms),
+                               aev.radial_contract(coord, nb.radial, afv), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        cpu_aev.angular_contract(coord, nb.triplets, pair_feat, nb.triplet_pair, terms=terms),
+        aev.angular_contract(coord, nb.triplets, pair_feat, nb.triplet_pair), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="another neighbor list"):
+        cpu_aev.radial_contract(coord, nb.radial.clone(), afv, terms=terms)
+    with pytest.raises(ValueError, match="another neighbor list"):
+        cpu_aev.angular_contract(coord, nb.triplets.clone(), pair_feat, nb.triplet_pair,
+                                 terms=terms)
+
+
 @pytest.mark.parametrize("last_activation", [True, False])
 def test_cpu_mlp_equals_the_sequential_with_gradients_and_double_backward(last_activation):
     """``cpu_mlp`` (ELU in place) against the reference ``nn.Sequential`` in float64: values,

@@ -139,63 +139,79 @@ def _rows(x: torch.Tensor, slots: torch.Tensor, n_rows: int, width: int) -> torc
     return _padded(x, slots).view(n_rows, width, x.shape[1])
 
 
-class CentreSum(torch.autograd.Function):
-    """out[i, c, f] = Σ_{t: centre(t) = i} terms[t, c] · feat[feat_index[t], f], by rows.
+class TermRows(torch.autograd.Function):
+    """terms (T, C) laid out in the rows of ``layout``, (R, width, C), zeros in the padding.
 
-    Backward, with dX = d out (N, C, F) gathered per row, dX_r = dX[row_atom] (R, C, F):
-    d terms_rows = feat_rows @ dX_rᵀ (R, width, C), read at each term's slot → (T, C);
-    d feat_rows = terms_rows @ dX_r (R, width, F), summed onto the feature rows → (K, F).
-    Neither forms a (T × C × F) product."""
+    Backward reads each term's slot of d rows (a gather; autograd's own backward of the layout
+    would scatter into a zeroed (T + 1, C)). ``by_channel``: d terms comes as the transposed view
+    of a contiguous (C, T) tensor, read from d rows along the slots, which is free when d rows is
+    itself the transposed view of a (R, C, width) tensor (as ``CentreSum`` returns it)."""
 
     @staticmethod
-    def forward(ctx, terms: torch.Tensor, feat: torch.Tensor, plan: GatherPlan, n_atoms: int,
-                grad_by_channel: bool = False) -> torch.Tensor:
+    def forward(ctx, terms: torch.Tensor, layout: RowLayout, by_channel: bool) -> torch.Tensor:
+        ctx.layout, ctx.by_channel = layout, by_channel
+        return _rows(terms, layout.slot_term, layout.row_atom.numel(), layout.width)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        layout = ctx.layout
+        R, w, C = grad_rows.shape
+        if ctx.by_channel:
+            d_terms = grad_rows.permute(2, 0, 1).reshape(C, R * w).index_select(1, layout.term_slot).t()
+        else:
+            d_terms = grad_rows.reshape(R * w, C).index_select(0, layout.term_slot)
+        return d_terms, None, None
+
+
+class CentreSum(torch.autograd.Function):
+    """out[i, c, f] = Σ_{rows r of atom i} Σ_s rows[r, s, c] · feat[slot_feat[r, s], f].
+
+    Backward, with dX = d out (N, C, F) gathered per row, dX_r = dX[row_atom] (R, C, F):
+    d rows = feat_rows @ dX_rᵀ (R, width, C); d feat_rows = rows @ dX_r (R, width, F), summed onto
+    the feature rows → (K, F). Neither forms a (T × C × F) product. The rows of the terms are an
+    input, not gathered here: the model's T passes share them (``AevTerms``), so that they are laid
+    out, kept for backward and differentiated once."""
+
+    @staticmethod
+    def forward(ctx, t_rows: torch.Tensor, feat: torch.Tensor, plan: GatherPlan, n_atoms: int,
+                by_channel: bool = False) -> torch.Tensor:
         layout = plan.layout
         n_rows, w = layout.row_atom.numel(), layout.width
-        t_rows = _rows(terms, layout.slot_term, n_rows, w)
         f_rows = _rows(feat, plan.slot_feat, n_rows, w)
         per_row = torch.bmm(t_rows.transpose(1, 2), f_rows)                  # (R, C, F)
-        out = feat.new_zeros(n_atoms, terms.shape[1], feat.shape[1])
+        out = feat.new_zeros(n_atoms, t_rows.shape[2], feat.shape[1])
         out.index_add_(0, layout.row_atom, per_row)
-        # The rows, for a backward that is not differentiated again (saves gathering them twice).
-        ctx.save_for_backward(terms, feat, t_rows, f_rows)
+        # The feature rows, for a backward that is not differentiated again (saves gathering them
+        # twice).
+        ctx.save_for_backward(t_rows, feat, f_rows)
         ctx.plan = plan
-        ctx.grad_by_channel = grad_by_channel
+        ctx.by_channel = by_channel
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        terms, feat, t_rows, f_rows = ctx.saved_tensors
+        t_rows, feat, f_rows = ctx.saved_tensors
         plan = ctx.plan
         layout = plan.layout
         n_rows, w = layout.row_atom.numel(), layout.width
-        need_terms, need_feat = ctx.needs_input_grad[:2]
-        # Under create_graph the rows are gathered again from the saved inputs, so that the double
-        # backward reaches terms and feat; the forward's rows carry no history.
-        create_graph = torch.is_grad_enabled()
+        need_rows, need_feat = ctx.needs_input_grad[:2]
         g_rows = grad_out.index_select(0, layout.row_atom)                   # (R, C, F)
-        d_terms = d_feat = None
-        if need_terms:
-            if create_graph:
+        d_rows = d_feat = None
+        if need_rows:
+            # Under create_graph the feature rows are gathered again from the saved input, so that
+            # the double backward reaches feat; the forward's carry no history.
+            if torch.is_grad_enabled():
                 f_rows = _rows(feat, plan.slot_feat, n_rows, w)
-            C = terms.shape[1]
-            if ctx.grad_by_channel:
-                # (C, R · w), gathered along the slots: d terms as the transposed view of a (C, T)
-                # tensor, cheaper than transposing the (T, C) one afterwards
-                d_slots = torch.bmm(g_rows, f_rows.transpose(1, 2)).permute(1, 0, 2) \
-                    .reshape(C, n_rows * w)
-                d_terms = d_slots.index_select(1, layout.term_slot).t()
+            if ctx.by_channel:
+                d_rows = torch.bmm(g_rows, f_rows.transpose(1, 2)).transpose(1, 2)  # (R, w, C) view
             else:
-                d_slots = torch.bmm(f_rows, g_rows.transpose(1, 2))          # (R, w, C)
-                d_terms = d_slots.view(n_rows * w, C).index_select(0, layout.term_slot)
+                d_rows = torch.bmm(f_rows, g_rows.transpose(1, 2))          # (R, w, C)
         if need_feat:
-            if create_graph:
-                t_rows = _rows(terms, layout.slot_term, n_rows, w)
             d_slots = torch.bmm(t_rows, g_rows).view(-1, feat.shape[1])     # (R · w, F)
             # the padding slots read row K: summed there, then dropped
             d_feat = feat.new_zeros(feat.shape[0] + 1, feat.shape[1]) \
                 .index_add(0, plan.slot_feat, d_slots)[:-1]
-        return d_terms, d_feat, None, None, None
+        return d_rows, d_feat, None, None, None
 
 
 def centre_sum(terms: torch.Tensor, feat: torch.Tensor, plan: GatherPlan, n_atoms: int, *,
@@ -205,7 +221,8 @@ def centre_sum(terms: torch.Tensor, feat: torch.Tensor, plan: GatherPlan, n_atom
     ``terms`` (T, C), ``feat`` (K, F); ``plan`` from ``gather_plan`` over the same T terms, their
     centres and feature indices. ``grad_by_channel``: the gradient of ``terms`` comes as the
     transposed view of a contiguous (C, T) tensor (for a backward that works along T)."""
-    return CentreSum.apply(terms, feat, plan, n_atoms, grad_by_channel)
+    t_rows = TermRows.apply(terms, plan.layout, grad_by_channel)
+    return CentreSum.apply(t_rows, feat, plan, n_atoms, grad_by_channel)
 
 
 # -- the AEV terms -------------------------------------------------------------------------------
@@ -366,35 +383,53 @@ class RadialTerms(torch.autograd.Function):
 
 
 class AevTerms(NamedTuple):
-    """The AEV terms of one neighbor list, which depend on the coordinates alone: the model's T
-    passes contract the same terms with other features, so they are computed (and, backward,
-    differentiated) once per forward instead of once per pass. ``radial`` g_r (P, 16) and
-    ``angular`` g_a (T, 32), with autograd history to the coordinates; ``lists`` the index tensors
-    they belong to (radial pairs, triplets), checked by identity when used."""
+    """The AEV terms of one neighbor list, laid out in the rows of the centre sums. They depend on
+    the coordinates alone: the model's T passes contract the same terms with other features, so
+    they are computed, laid out, kept for backward and differentiated once per forward instead of
+    once per pass. ``radial`` (R, width, 16) and ``angular`` (R', width', 32) with autograd history
+    to the coordinates, ``plans`` their ``GatherPlan``s, ``lists`` the index tensors they belong to
+    (radial pairs, triplets), checked by identity when used."""
     radial: torch.Tensor
     angular: torch.Tensor
+    plans: tuple[GatherPlan, GatherPlan]
     lists: tuple[torch.Tensor, torch.Tensor]
 
 
-def _radial_terms(coord: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
-    return RadialTerms.apply(coord.index_select(0, pairs[1]) - coord.index_select(0, pairs[0]))
+def _radial_plan(pairs: torch.Tensor, n_atoms: int) -> GatherPlan:
+    return _plan_for(pairs, "radial", pairs[0], pairs[1], n_atoms, n_atoms, RADIAL_ROW_WIDTH)
 
 
-def _angular_terms(coord: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
+def _angular_plan(triplets: torch.Tensor, triplet_pair: torch.Tensor, n_pairs: int,
+                  n_atoms: int) -> GatherPlan:
+    return _plan_for((triplets, triplet_pair), "angular", triplets[0], triplet_pair, n_pairs,
+                     n_atoms, ANGULAR_ROW_WIDTH)
+
+
+def _radial_rows(coord: torch.Tensor, pairs: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+    g = RadialTerms.apply(coord.index_select(0, pairs[1]) - coord.index_select(0, pairs[0]))
+    return TermRows.apply(g, plan.layout, False)
+
+
+def _angular_rows(coord: torch.Tensor, triplets: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
     r_i = coord.index_select(0, triplets[0])
-    return angular_terms(coord.index_select(0, triplets[1]) - r_i,
-                         coord.index_select(0, triplets[2]) - r_i)
+    g = angular_terms(coord.index_select(0, triplets[1]) - r_i,
+                      coord.index_select(0, triplets[2]) - r_i)
+    # by channel: AngularTerms' backward works along the triplets
+    return TermRows.apply(g, plan.layout, True)
 
 
 def aev_terms(coord: torch.Tensor, nb) -> AevTerms:
     """The terms of ``nb`` (a ``Neighbors``) at coord (N, 3) Å, for ``radial_contract`` and
     ``angular_contract``'s ``terms``."""
-    return AevTerms(_radial_terms(coord, nb.radial), _angular_terms(coord, nb.triplets),
-                    (nb.radial, nb.triplets))
+    n = coord.shape[0]
+    plans = (_radial_plan(nb.radial, n), _angular_plan(nb.triplets, nb.triplet_pair,
+                                                       nb.pairs.shape[1], n))
+    return AevTerms(_radial_rows(coord, nb.radial, plans[0]),
+                    _angular_rows(coord, nb.triplets, plans[1]), plans, (nb.radial, nb.triplets))
 
 
-def _given(terms: AevTerms, which: int, index: torch.Tensor) -> torch.Tensor:
-    if terms.lists[which] is not index:
+def _given(terms: AevTerms, which: int, index: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+    if terms.lists[which] is not index or terms.plans[which] is not plan:
         raise ValueError("AEV terms of another neighbor list: build them with aev_terms(coord, nb) "
                          "from the list passed here")
     return terms[which]
@@ -405,12 +440,10 @@ def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor,
     """x_r[i, s, f] = Σ_j g_r[i, s, j] · afv[j, f]: coord (N, 3) Å, pairs (2, P), afv (N, F)
     → (N, 16, F), as ``aev.radial_contract``; the terms from ``terms`` when given (built by
     ``aev_terms`` for these pairs), else from coord."""
-    i, j = pairs[0], pairs[1]
-    g = _radial_terms(coord, pairs) if terms is None else _given(terms, 0, pairs)
-    g = g.to(afv.dtype)
     n = coord.shape[0]
-    plan = _plan_for(pairs, "radial", i, j, afv.shape[0], n, RADIAL_ROW_WIDTH)
-    return centre_sum(g, afv, plan, n)
+    plan = _radial_plan(pairs, n)
+    rows = _radial_rows(coord, pairs, plan) if terms is None else _given(terms, 0, pairs, plan)
+    return CentreSum.apply(rows.to(afv.dtype), afv, plan, n, False)
 
 
 def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: torch.Tensor,
@@ -418,10 +451,8 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
     """x_a[i, c, f] = Σ_{j<k} g_a[i, c, jk] · p_jk[f]: coord (N, 3) Å, triplets (3, T),
     pair_feat (Q, F), triplet_pair (T,) → (N, 32, F), as ``aev.angular_contract``; the terms as
     ``radial_contract``'s."""
-    i = triplets[0]
-    g = _angular_terms(coord, triplets) if terms is None else _given(terms, 1, triplets)
-    g = g.to(pair_feat.dtype)
     n = coord.shape[0]
-    plan = _plan_for((triplets, triplet_pair), "angular", i, triplet_pair, pair_feat.shape[0], n,
-                     ANGULAR_ROW_WIDTH)
-    return centre_sum(g, pair_feat, plan, n, grad_by_channel=True)
+    plan = _angular_plan(triplets, triplet_pair, pair_feat.shape[0], n)
+    rows = _angular_rows(coord, triplets, plan) if terms is None \
+        else _given(terms, 1, triplets, plan)
+    return CentreSum.apply(rows.to(pair_feat.dtype), pair_feat, plan, n, True)

@@ -7,15 +7,21 @@ of each centre atom are laid out in rows of ``width`` slots (a centre with more 
 rows, the last one padded with zeros), so that the sum over a centre's terms becomes one batched
 matrix product per row, (C × width) @ (width × F), and the rows are summed onto their atoms.
 
-The centre sum (``CentreSum``) and the AEV terms (``AngularTerms``, ``RadialTerms``) are autograd
-Functions with analytic backwards: differentiating the compositions of torch ops cost as much as
-the forward again (the angular terms' many elementwise products on (T, 32) tensors, the padding and
-gathers of the rows). Each backward is written in differentiable torch ops on the Function's saved
-inputs, so that the double backward of force training comes from autograd over the backward; the
-forward's intermediates serve the plain backward only (no ``create_graph``), where nothing
-differentiates it again. The angular factors are kept with the triplets along the last dimension,
-(8, T) and (4, T), where the CPU's elementwise work vectorizes, and the angular centre sum hands
-back the terms' gradient in that layout (``grad_by_channel``).
+The terms depend on the coordinates alone, so the model's T passes share them: ``aev_terms``
+computes them once per forward, already laid out in rows (``AevTerms``), and each pass's
+contraction reads them (``terms=``); autograd sums the passes' gradients of the rows before the one
+backward of the terms. Called without ``terms``, a contraction computes its own.
+
+The centre sum (``CentreSum``), the layout in rows (``TermRows``) and the AEV terms
+(``AngularTerms``, ``RadialTerms``) are autograd Functions with analytic backwards: differentiating
+the compositions of torch ops cost as much as the forward again (the angular terms' many
+elementwise products on (T, 32) tensors, the padding and gathers of the rows). Each backward is
+written in differentiable torch ops on the Function's saved inputs, so that the double backward of
+force training comes from autograd over the backward; the forward's intermediates serve the plain
+backward only (no ``create_graph``), where nothing differentiates it again. The angular factors are
+kept with the triplets along the last dimension, (8, T) and (4, T), where the CPU's elementwise
+work vectorizes, and the angular centre sum hands back the terms' gradient in that layout
+(``grad_by_channel``).
 
 The angular terms use cos(θ − θ_z) = cos θ cos θ_z + sin θ sin θ_z with sin θ = sqrt(1 − cos²θ)
 (θ in [0, π]) instead of arccos, and raise to ζ = 8 by three squarings.

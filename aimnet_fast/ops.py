@@ -6,7 +6,8 @@ Backends (``BACKENDS``):
 
 - ``"torch"``  the reference: ``aimnet_fast.aev``, ``aimnet_fast.neighbors``, ``torch.nn``
 - ``"cpu"``    the fast CPU backend: ``aimnet_fast.cpu_aev``'s contractions (row-blocked matrix
-  products and analytic backwards instead of the reference's per-term products),
+  products and analytic backwards instead of the reference's per-term products, the AEV terms
+  computed once for the T passes: ``aev_terms``),
   ``aimnet_fast.cpu_mlp``'s MLPs (the ELU in place), the reference's neighbors
 - ``"triton"`` the kernels (CUDA tensors, or any tensors under TRITON_INTERPRET=1)
 - ``"auto"``   Triton for CUDA tensors where it is installed, the fast CPU backend for CPU tensors;

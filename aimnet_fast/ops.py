@@ -159,6 +159,14 @@ def elu_mlp_cat(x1: torch.Tensor, x2: torch.Tensor, layers: nn.Sequential, backe
     return _impl(backend, x1).elu_mlp_cat(x1, x2, layers, precision)
 
 
+def first_order():
+    """A ``with`` block in which gradients are taken once and never differentiated again (the
+    forces of prediction): the cpu backend's MLPs with frozen weights then use a backward that
+    needs less memory (``cpu_mlp.first_order``); the other backends are unchanged. A double
+    backward through those MLPs inside the block raises an error."""
+    return cpu_mlp.first_order()
+
+
 def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor,
                     backend: str = "auto") -> reference_neighbors.Neighbors:
     """Pairs, angular subset and triplets at the model's cutoffs; every backend returns the

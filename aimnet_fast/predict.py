@@ -129,7 +129,7 @@ def _run_model(model: AIMNet, batch: Batch, forces: bool,
         if "energy" not in model.heads:
             raise PredictError("forces asked of a model without an energy head")
         coord.requires_grad_(True)
-    with torch.set_grad_enabled(forces):
+    with torch.set_grad_enabled(forces), ops.first_order():
         out = model(numbers, coord, mol_idx, batch.n_mol, neighbors=neighbors, all_passes=False)
         res = {}
         if forces:

@@ -7,6 +7,7 @@ backwards of its autograd Functions (CentreSum, AngularTerms, RadialTerms) and t
 against finite differences (gradcheck, gradgradcheck, float64)."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -409,3 +410,53 @@ def test_cpu_mlp_equals_the_sequential_with_gradients_and_double_backward(last_a
     assert torch.autograd.gradcheck(lambda v: cpu_mlp.elu_mlp(v, net), (x,))
     assert torch.autograd.gradgradcheck(lambda v: cpu_mlp.elu_mlp(v, net), (x,))
     assert ops.implementation("cpu").elu_mlp is cpu_mlp.elu_mlp
+
+
+@pytest.mark.parametrize("last_activation", [True, False])
+def test_first_order_mlp_equals_the_sequential_and_refuses_a_double_backward(last_activation):
+    """Inside ``first_order()`` with frozen weights, the MLP is ``FirstOrderMLP``: values and the
+    input's gradient equal ``nn.Sequential``'s in float64 (gradcheck by finite differences too),
+    its input is not kept, and a double backward is an error, not a wrong answer. Weights that need
+    a gradient keep the autograd path."""
+    from aimnet_fast import cpu_mlp
+    from aimnet_fast.model import build_elu_mlp
+    torch.manual_seed(1)
+    net = build_elu_mlp([7, 9, 5, 3], last_activation=last_activation).double()
+    x = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(6, 3, dtype=torch.float64)
+    ref_y = net(x)
+    (ref_g,) = torch.autograd.grad(ref_y, x, gy)
+
+    net.requires_grad_(False)
+    with ops.first_order():
+        y = cpu_mlp.elu_mlp(x, net)
+        assert type(y.grad_fn).__name__ == "FirstOrderMLPBackward"
+        (g,) = torch.autograd.grad(y, x, gy)
+        torch.testing.assert_close(y, ref_y, rtol=0, atol=1e-14)
+        torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-14)
+        assert torch.autograd.gradcheck(lambda v: cpu_mlp.elu_mlp(v, net), (x,))
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(cpu_mlp.elu_mlp(x, net).sum(), x, create_graph=True)
+    assert type(cpu_mlp.elu_mlp(x, net).grad_fn).__name__ != "FirstOrderMLPBackward"  # block left
+
+    net.requires_grad_(True)
+    with ops.first_order():
+        y = cpu_mlp.elu_mlp(x, net)
+        assert type(y.grad_fn).__name__ != "FirstOrderMLPBackward"
+        grads = torch.autograd.grad(y, [x, *net.parameters()], gy)
+    torch.testing.assert_close(grads[0], ref_g, rtol=0, atol=1e-14)
+
+
+def test_predict_forces_equal_the_reference_inside_first_order(released_models, reference_batch):
+    """The predict path (``predict_arrays``, which runs inside ``first_order``) on the cpu backend
+    against the reference backend in float64: energies and forces."""
+    import copy
+    from aimnet_fast.predict import predict_arrays
+    model = copy.deepcopy(released_models[0]).double().requires_grad_(False)
+    b = reference_batch
+    out = {}
+    for backend in ("cpu", "torch"):
+        model.backend = backend
+        out[backend] = predict_arrays([model], b, forces=True)
+    for key in ("energy_Ha", "forces_Ha_per_A", "charges_e"):
+        np.testing.assert_allclose(out["cpu"][key], out["torch"][key], rtol=0, atol=1e-10)

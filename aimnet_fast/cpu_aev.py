@@ -289,7 +289,7 @@ def _angular_backward(r_ij: torch.Tensor, r_ik: torch.Tensor, p: _AngularParts,
     """d r_ij, d r_ik (T, 3) from d g_a (T, 32), g[t, z·4 + a] = fc[t] · ang[z, t] · rad[a, t]
     with fc = 2^(1−ζ) fc(d_ij) fc(d_ik)."""
     n_z, n_a, n = p.ang.shape[0], p.rad.shape[0], p.ang.shape[1]
-    # (8, 4, T), as the parts; no copy where the gradient comes from centre_sum(grad_by_channel)
+    # (8, 4, T), as the parts; no copy where the gradient comes from TermRows(by_channel)
     g = grad.t().contiguous().view(n_z, n_a, n)
     # Σ_a dG · rad (8, T) and Σ_z dG · ang (4, T) as sums of rows: a product over the whole
     # (8, 4, T) and a reduction would each pass over it once more

@@ -47,13 +47,8 @@ class FirstOrderMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
         modules = list(layers._modules.values())
-        h, kept = x, []
-        for layer in modules:
-            if isinstance(layer, nn.Linear):
-                h = torch.addmm(layer.bias, h, layer.weight.t())
-            else:
-                h = F.elu(h, layer.alpha, inplace=True)
-                kept.append(h)
+        kept: list[torch.Tensor] = []
+        h = _layer_by_layer(x, modules, kept)
         ctx.save_for_backward(*kept)
         ctx.modules = modules
         return h
@@ -80,20 +75,27 @@ class FirstOrderMLP(torch.autograd.Function):
         return grad, None
 
 
-def _run(h: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
-    if (_FIRST_ORDER.get() and h.requires_grad and torch.is_grad_enabled()
-            and not any(p.requires_grad for p in layers.parameters())
-            and all(isinstance(m, (nn.Linear, nn.ELU)) for m in layers._modules.values())):
-        return FirstOrderMLP.apply(h, layers)
-    for layer in layers._modules.values():
+def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The layers on h, each ELU in place on its product; ``kept`` collects the ELU outputs."""
+    for layer in modules:
         if isinstance(layer, nn.Linear):
             h = torch.addmm(layer.bias, h, layer.weight.t())
         elif isinstance(layer, nn.ELU):
             # The product's output is fresh and nothing else saved it: safe to overwrite.
             h = F.elu(h, layer.alpha, inplace=True)
+            if kept is not None:
+                kept.append(h)
         else:  # pragma: no cover - the model builds Linear and ELU only
             h = layer(h)
     return h
+
+
+def _run(h: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
+    if (_FIRST_ORDER.get() and h.requires_grad and torch.is_grad_enabled()
+            and not any(p.requires_grad for p in layers.parameters())
+            and all(isinstance(m, (nn.Linear, nn.ELU)) for m in layers._modules.values())):
+        return FirstOrderMLP.apply(h, layers)
+    return _layer_by_layer(h, layers._modules.values())
 
 
 def elu_mlp(x: torch.Tensor, layers: nn.Sequential, precision: str = "ieee") -> torch.Tensor:

@@ -87,10 +87,13 @@ def test_extxyz_is_read_by_ase_in_ev(files, as_json):
         np.testing.assert_allclose(atoms.positions, np.asarray(src.coord), rtol=0, atol=1e-8)
         e = atoms.get_potential_energy()
         assert abs(e - mol["energy_Ha"] * HARTREE_TO_EV) < 1e-9 * abs(e)
+        # The JSON holds the float32 network's numbers to nine digits, which identify each
+        # float32 exactly; the extxyz's are in eV (not float32 numbers), to eleven digits.
         np.testing.assert_allclose(atoms.get_forces(),
                                    np.asarray(mol["forces_Ha_per_A"]) * HARTREE_TO_EV,
-                                   rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(atoms.get_charges(), mol["charges_e"], rtol=1e-9, atol=1e-10)
+                                   rtol=1e-8, atol=1e-9)
+        np.testing.assert_array_equal(atoms.get_charges().astype(np.float32),
+                                      np.float32(mol["charges_e"]))
         assert atoms.info["energy_Ha"] == pytest.approx(mol["energy_Ha"], rel=1e-15)
         assert atoms.info["name"] == mol["name"]
 
@@ -108,7 +111,10 @@ def test_npz_holds_the_same_arrays(files, as_json):
         a, b = off[k], off[k + 1]
         assert z["numbers"][a:b].tolist() == m["numbers"] and z["name"][k] == m["name"]
         for key in ("forces_Ha_per_A", "charges_e", "elmoments", "volumes_bohr3"):
-            np.testing.assert_array_equal(z[key][a:b], m[key])
+            # float32 numbers in both: the npz exactly, the JSON to the nine digits that
+            # identify a float32
+            np.testing.assert_array_equal(z[key][a:b].astype(np.float32), z[key][a:b])
+            np.testing.assert_array_equal(z[key][a:b].astype(np.float32), np.float32(m[key]))
 
 
 def test_json_on_standard_output_is_one_document(files, as_json, capsys):
@@ -144,3 +150,46 @@ def test_main_flushes_denormals_on_the_cpu(files, tmp_path, monkeypatch):
     from aimnet_fast.cpu import flush_denormals
     if flush_denormals():
         assert torch.tensor(1e-45, dtype=torch.float32).item() * 1.0 == 0.0
+
+
+def _json_molecules(tmp_path, name, frames, numbers, offsets, arrays, fast=True):
+    from aimnet_fast.predict_output import JsonWriter
+    w = JsonWriter(tmp_path / name, {"units": {}})
+    (w.write if fast else w._write_records)(frames, numbers, offsets, arrays)
+    w.close()
+    return (tmp_path / name).read_text()
+
+
+def test_json_numbers_identify_the_arrays_and_match_json_dumps(tmp_path):
+    from aimnet_fast.io import Frame
+    rng = np.random.default_rng(7)
+    sizes = [3, 1, 5]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    n = int(offsets[-1])
+    numbers = rng.integers(1, 9, n)
+    frames = [Frame([], [], f'mol "{k}"', k, "in.xyz") for k in range(len(sizes))]
+    wide = {"energy_Ha": rng.normal(-300, 50, 3), "forces_Ha_per_A": rng.normal(0, 0.03, (n, 3)),
+            "charges_e": rng.normal(0, 0.5, n), "elmoments": rng.normal(0, 1e-6, (n, 4)),
+            "volumes_bohr3": rng.uniform(5, 60, n)}
+    # float64 numbers: written exactly as json.dumps of the records writes them (the reference)
+    fast = _json_molecules(tmp_path, "a.json", frames, numbers, offsets, wide)
+    assert fast == _json_molecules(tmp_path, "b.json", frames, numbers, offsets, wide, fast=False)
+    # float32 numbers (a float32 network's): nine digits, each read back as the same float32
+    narrow = {k: (v if k == "energy_Ha" else v.astype(np.float32).astype(np.float64))
+              for k, v in wide.items()}
+    text = _json_molecules(tmp_path, "c.json", frames, numbers, offsets, narrow)
+    doc = json.loads(text)["molecules"]
+    ref = json.loads(_json_molecules(tmp_path, "d.json", frames, numbers, offsets, narrow,
+                                     fast=False))["molecules"]
+    assert len(text) < 0.8 * len((tmp_path / "d.json").read_text())
+    for got, want in zip(doc, ref):
+        assert list(got) == list(want)
+        assert {k: got[k] for k in ("index", "name", "source", "numbers", "energy_Ha")} == \
+            {k: want[k] for k in ("index", "name", "source", "numbers", "energy_Ha")}
+        for k in ("forces_Ha_per_A", "charges_e", "elmoments", "volumes_bohr3"):
+            np.testing.assert_array_equal(np.float32(got[k]), np.float32(want[k]))
+            assert got[k] != want[k]  # shorter numbers, not the same text
+    # not JSON numbers: as json.dumps writes them
+    bad = dict(narrow, charges_e=np.where(np.arange(n) == 2, np.nan, narrow["charges_e"]))
+    assert _json_molecules(tmp_path, "e.json", frames, numbers, offsets, bad) == \
+        _json_molecules(tmp_path, "f.json", frames, numbers, offsets, bad, fast=False)

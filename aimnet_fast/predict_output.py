@@ -125,9 +125,8 @@ class JsonWriter(_Writer):
 
     def write(self, frames, numbers, offsets, arrays):
         # The text of each molecule is what json.dumps of its record gives (same keys, separators
-        # and number forms, float32 values aside: _number_format), built from %-formats: for the
-        # numbers of a batch json.dumps took ~5× as long as the model's matrix products leave
-        # for everything else (bench/RESULTS.md).
+        # and number forms, float32 values aside: _number_format), built from %-formats: the
+        # S66x8 ×4 output (380k numbers) took 0.36-0.48 s through json.dumps, 0.11 s so.
         formats = {k: _number_format(v) for k, v in arrays.items()}
         if None in formats.values():
             return self._write_records(frames, numbers, offsets, arrays)

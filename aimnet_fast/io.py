@@ -112,8 +112,11 @@ def _is_periodic(info: dict) -> bool:
 
 
 def _float(tok: str) -> float:
-    # Fortran-style exponents (1.0D-3) appear in XYZ files written by quantum-chemistry codes.
-    return float(tok.replace("D", "E").replace("d", "e"))
+    try:
+        return float(tok)
+    except ValueError:
+        # Fortran-style exponents (1.0D-3) appear in XYZ files written by quantum-chemistry codes.
+        return float(tok.replace("D", "E").replace("d", "e"))
 
 
 def parse_xyz(text: str, source: str = "<string>") -> list[Frame]:
@@ -126,6 +129,9 @@ def parse_xyz(text: str, source: str = "<string>") -> list[Frame]:
     """
     lines = text.splitlines()
     frames: list[Frame] = []
+    # Symbol → atomic number, as element_number gives it (None: unknown), filled as symbols come:
+    # files repeat a handful of symbols, and the lookup was a fifth of the parse.
+    numbers_of: dict[str, int | None] = {}
     n_lines = len(lines)
     pos = 0
     while True:
@@ -202,11 +208,14 @@ def parse_xyz(text: str, source: str = "<string>") -> list[Frame]:
                 raise error(ln + 1, f"atom line has {len(fields)} fields, expected {n_fields} "
                             f"({expect}): {lines[ln].strip()!r}")
             sym = fields[species_col]
-            z = element_number(sym)
+            z = numbers_of.get(sym, -1)
+            if z == -1:
+                z = numbers_of[sym] = element_number(sym)
             if z is None:
                 raise error(ln + 1, f"unknown element {sym!r} (atom {a})")
             try:
-                xyz = [_float(t) for t in fields[pos_col:pos_col + 3]]
+                xyz = [_float(fields[pos_col]), _float(fields[pos_col + 1]),
+                       _float(fields[pos_col + 2])]
             except ValueError:
                 raise error(ln + 1, f"non-numeric coordinate in "
                             f"{' '.join(fields[pos_col:pos_col + 3])!r} (atom {a})") from None

@@ -15,12 +15,20 @@ a large molecule's backward then takes a third less memory. Its backward cannot 
 again (it would need the input, which it does not keep): a double backward inside ``first_order``
 raises an error instead.
 
+Where no graph is kept (inside ``first_order()`` as above, or with gradients off), a float32
+input goes through the layers in blocks of ``BLOCK_ROWS`` rows, each block's products by oneDNN
+(torch's ``mkldnn._linear_pointwise``), which ran them 15-35 % faster than ``addmm`` (MKL) on the
+2-core AMD CPU; the rows left over, float64 and every graph autograd keeps use ``addmm``. Float32
+sums in another order: against the original's outputs the predict path stays within 2.4e-7 Ha
+and 7.4e-7 Ha/Å (tests/test_reference_outputs.py).
+
 Shapes: x (M, in) → (M, out); ``elu_mlp_cat`` takes the first layer's input in two parts.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Iterator
 
 import torch
@@ -41,14 +49,45 @@ def first_order() -> Iterator[None]:
         _FIRST_ORDER.reset(token)
 
 
+#: Rows of one oneDNN block (``FirstOrderMLP``): every block of every call has this shape, so
+#: oneDNN builds each layer's primitive once per process. A primitive for a new row count took
+#: ~1.6 ms to build on the 2-core CPU, more than a batch's products gained from it.
+BLOCK_ROWS = 1024
+
+
+@functools.cache
+def _onednn_linear():
+    """torch's oneDNN linear, ``(x, weight, bias) -> x @ weight.T + bias`` in float32, where this
+    build has it and it gives a known product; else None (the blocks then use ``addmm``).
+
+    Why: on the 2-core AMD EPYC CPU the MLPs' products ran at ~135-150 GFLOP/s through ``addmm``
+    (MKL) and ~160-185 through oneDNN's own kernels (bench/RESULTS.md)."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        if not torch.backends.mkldnn.is_available():
+            return None
+        x = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+        w = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+        got = op(x, w, torch.tensor([0.5, -1.0]), "none", [], "")
+        if not torch.equal(got, torch.tensor([[0.5, 2.0], [3.5, 8.0]])):
+            return None
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return None
+    return lambda h, weight, bias: op(h, weight, bias, "none", [], "")
+
+
 class FirstOrderMLP(torch.autograd.Function):
-    """The MLP ``layers`` on x with frozen weights; backward gives the input's gradient only."""
+    """The MLP ``layers`` on x with frozen weights; backward gives the input's gradient only.
+
+    A float32 input of at least ``BLOCK_ROWS`` rows goes through the layers block by block, the
+    products by oneDNN (``_onednn_linear``); the rows left over, and every other input, by
+    ``addmm``. Rows are independent in an MLP, so blocks change only the order of summation."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
         modules = list(layers._modules.values())
         kept: list[torch.Tensor] = []
-        h = _layer_by_layer(x, modules, kept)
+        ctx.linear, ctx.blocks, h = _in_blocks(x, modules, kept)
         ctx.save_for_backward(*kept)
         ctx.modules = modules
         return h
@@ -60,26 +99,66 @@ class FirstOrderMLP(torch.autograd.Function):
                                "aimnet_fast.cpu_mlp.first_order(): take create_graph gradients "
                                "outside that block")
         kept = list(ctx.saved_tensors)
-        own = False  # whether grad is a tensor this backward made (then safe to overwrite)
-        for layer in reversed(ctx.modules):
-            if isinstance(layer, nn.Linear):
-                grad = grad.mm(layer.weight)
-                own = True
-            else:
-                out = kept.pop()
-                if own:
-                    torch.ops.aten.elu_backward.grad_input(grad, layer.alpha, 1, 1, True, out,
-                                                          grad_input=grad)
+        n_elu = len(kept) // len(ctx.blocks)
+        transposed = {}  # oneDNN takes the weight as (in, out) for dX = dY @ W
+        outs = []
+        for k, (a, b) in enumerate(ctx.blocks):
+            linear = ctx.linear if b - a == BLOCK_ROWS else None
+            g = grad[a:b]
+            own = False  # whether g is a tensor this backward made (then safe to overwrite)
+            elu_outputs = kept[k * n_elu:(k + 1) * n_elu]
+            for layer in reversed(ctx.modules):
+                if isinstance(layer, nn.Linear):
+                    if linear is None:
+                        g = g.mm(layer.weight)
+                    else:
+                        if layer not in transposed:
+                            transposed[layer] = layer.weight.t().contiguous()
+                        g = linear(g.contiguous(), transposed[layer], None)
+                    own = True
                 else:
-                    grad = torch.ops.aten.elu_backward(grad, layer.alpha, 1, 1, True, out)
-        return grad, None
+                    out = elu_outputs.pop()
+                    if own:
+                        torch.ops.aten.elu_backward.grad_input(g, layer.alpha, 1, 1, True, out,
+                                                              grad_input=g)
+                    else:
+                        g = torch.ops.aten.elu_backward(g, layer.alpha, 1, 1, True, out)
+            outs.append(g)
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)), None
 
 
-def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """The layers on h, each ELU in place on its product; ``kept`` collects the ELU outputs."""
+def _in_blocks(x: torch.Tensor, modules, kept: list[torch.Tensor] | None = None):
+    """The layers on x block by block (see ``FirstOrderMLP``); ``kept`` collects the ELU outputs,
+    block after block. Returns the linear of the whole blocks (None: ``addmm`` everywhere), the
+    blocks' row ranges and the output."""
+    linear = _onednn_linear() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    blocks = _blocks(x.shape[0]) if linear is not None else [(0, x.shape[0])]
+    outs = [_layer_by_layer(x[a:b], modules, kept, linear if b - a == BLOCK_ROWS else None)
+            for a, b in blocks]
+    return linear, blocks, outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    """Row ranges: whole blocks of ``BLOCK_ROWS``, then the rows left over (if any)."""
+    whole = n - n % BLOCK_ROWS
+    out = [(a, a + BLOCK_ROWS) for a in range(0, whole, BLOCK_ROWS)]
+    if whole < n or not out:
+        out.append((whole, n))
+    return out
+
+
+def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = None,
+                    linear=None) -> torch.Tensor:
+    """The layers on h, each ELU in place on its product; ``kept`` collects the ELU outputs;
+    ``linear`` (``_onednn_linear()``) makes the products, if given, else ``addmm``."""
     for layer in modules:
         if isinstance(layer, nn.Linear):
-            h = torch.addmm(layer.bias, h, layer.weight.t())
+            if linear is not None:
+                h = linear(h.contiguous(), layer.weight, layer.bias)
+            elif layer.bias is None:
+                h = h.mm(layer.weight.t())
+            else:
+                h = torch.addmm(layer.bias, h, layer.weight.t())
         elif isinstance(layer, nn.ELU):
             # The product's output is fresh and nothing else saved it: safe to overwrite.
             h = F.elu(h, layer.alpha, inplace=True)
@@ -91,11 +170,14 @@ def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = 
 
 
 def _run(h: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
-    if (_FIRST_ORDER.get() and h.requires_grad and torch.is_grad_enabled()
-            and not any(p.requires_grad for p in layers.parameters())
-            and all(isinstance(m, (nn.Linear, nn.ELU)) for m in layers._modules.values())):
+    modules = layers._modules.values()
+    linear_elu = all(isinstance(m, (nn.Linear, nn.ELU)) for m in modules)
+    if not torch.is_grad_enabled() and linear_elu:  # e.g. energies alone: no graph to keep
+        return _in_blocks(h, modules)[2]
+    if (_FIRST_ORDER.get() and h.requires_grad and linear_elu
+            and not any(p.requires_grad for p in layers.parameters())):
         return FirstOrderMLP.apply(h, layers)
-    return _layer_by_layer(h, layers._modules.values())
+    return _layer_by_layer(h, modules)
 
 
 def elu_mlp(x: torch.Tensor, layers: nn.Sequential, precision: str = "ieee") -> torch.Tensor:

@@ -447,6 +447,44 @@ def test_first_order_mlp_equals_the_sequential_and_refuses_a_double_backward(las
     torch.testing.assert_close(grads[0], ref_g, rtol=0, atol=1e-14)
 
 
+def test_first_order_mlp_in_blocks_equals_float64(monkeypatch):
+    """A float32 input of several ``BLOCK_ROWS`` blocks and a remainder (the blocks through oneDNN
+    where torch has it, as on every x86 build), inside ``first_order()`` and without gradients:
+    values and the input's gradient equal the float64
+    ``nn.Sequential`` to float32 precision, row by row, as closely as the single ``addmm`` path
+    does; a block in the wrong place would be off by O(1)."""
+    from aimnet_fast import cpu_mlp
+    from aimnet_fast.model import build_elu_mlp
+    if torch.backends.mkldnn.is_available():
+        assert cpu_mlp._onednn_linear() is not None
+    torch.manual_seed(3)
+    net = build_elu_mlp([32, 256, 128, 16], last_activation=True).requires_grad_(False)
+    n = 2 * cpu_mlp.BLOCK_ROWS + 37
+    x = torch.randn(n, 32)
+    gy = torch.randn(n, 16)
+    x64 = x.double().requires_grad_(True)
+    ref_y = net.double()(x64)
+    (ref_g,) = torch.autograd.grad(ref_y, x64, gy.double())
+    net.float()
+
+    def first_order(x):
+        x = x.clone().requires_grad_(True)
+        with ops.first_order():
+            y = cpu_mlp.elu_mlp(x, net)
+            (g,) = torch.autograd.grad(y, x, gy)
+        return y.detach(), g
+
+    y, g = first_order(x)
+    with torch.no_grad():  # energies alone take the blocks too
+        y0 = cpu_mlp.elu_mlp(x, net)
+    monkeypatch.setattr(cpu_mlp, "BLOCK_ROWS", 10 ** 9)  # one addmm per layer
+    y1, g1 = first_order(x)
+    for got, one, want in ((y, y1, ref_y), (y0, y1, ref_y), (g, g1, ref_g)):
+        err = (got.double() - want).abs().max()
+        assert err <= 3 * max((one.double() - want).abs().max(), 1e-7)
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+
+
 def test_predict_forces_equal_the_reference_inside_first_order(released_models, reference_batch):
     """The predict path (``predict_arrays``, which runs inside ``first_order``) on the cpu backend
     against the reference backend in float64: energies and forces."""

@@ -66,3 +66,27 @@ def test_energy_is_near_dft(released_models, reference_molecules):
             continue
         (g,) = predict(m, [mol])
         assert abs(g["energy"] - e_dft) * 627.5 < 10.0
+
+
+@pytest.mark.parametrize("cv", range(5))
+def test_predict_path_in_one_batch(cv, released_models, reference_molecules):
+    """The predict command's path (``predict_arrays``: frozen weights inside ``first_order()``, the
+    cpu backend's MLPs in oneDNN blocks of ``BLOCK_ROWS`` rows) on the molecules four times over,
+    so that the per-atom MLPs have whole blocks too: every copy within the same limits."""
+    import copy
+
+    from aimnet_fast import cpu_mlp
+    from aimnet_fast.predict import predict_arrays
+    model = copy.deepcopy(released_models[cv]).requires_grad_(False)
+    model.backend = "cpu"
+    mols = reference_molecules * 4
+    b = Batch.from_molecules([(m["numbers"], m["coord_A"]) for m in mols]).validate()
+    assert b.n_atoms >= cpu_mlp.BLOCK_ROWS
+    out = predict_arrays([model], b, forces=True)
+    for k, m in enumerate(mols):
+        a, e = int(b.offsets[k]), int(b.offsets[k + 1])
+        check({"energy": float(out["energy_Ha"][k]),
+               "forces": torch.from_numpy(out["forces_Ha_per_A"][a:e]).float(),
+               "elmoments": torch.from_numpy(out["elmoments"][a:e]).float(),
+               "volumes": torch.from_numpy(out["volumes_bohr3"][a:e]).float()},
+              m["models"][cv])

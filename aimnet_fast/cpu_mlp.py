@@ -16,11 +16,12 @@ again (it would need the input, which it does not keep): a double backward insid
 raises an error instead.
 
 Where no graph is kept (inside ``first_order()`` as above, or with gradients off), a float32
-input goes through the layers in blocks of ``BLOCK_ROWS`` rows, each block's products by oneDNN
-(torch's ``mkldnn._linear_pointwise``), which ran them 15-35 % faster than ``addmm`` (MKL) on the
-2-core AMD CPU; the rows left over, float64 and every graph autograd keeps use ``addmm``. Float32
-sums in another order: against the original's outputs the predict path stays within 2.4e-7 Ha
-and 7.4e-7 Ha/Å (tests/test_reference_outputs.py).
+input goes through the layers in blocks of ``BLOCK_ROWS`` (then ``SMALL_BLOCKS``) rows, the
+products of each block's large layers by oneDNN (torch's ``mkldnn._linear_pointwise``), which ran
+them 10-20 % faster than ``addmm`` (MKL) on the 2-core AMD CPU; the rows left over, small layers,
+float64 and every graph autograd keeps use ``addmm``. Float32 sums in another order: against
+the original's outputs the predict path stays within 1.6e-7 Ha and 7.2e-7 Ha/Å
+(tests/test_reference_outputs.py; with ``addmm`` alone 1.4e-7 Ha and 7.1e-7 Ha/Å).
 
 Shapes: x (M, in) → (M, out); ``elu_mlp_cat`` takes the first layer's input in two parts.
 """
@@ -52,7 +53,13 @@ def first_order() -> Iterator[None]:
 #: Rows of one oneDNN block (``FirstOrderMLP``): every block of every call has this shape, so
 #: oneDNN builds each layer's primitive once per process. A primitive for a new row count took
 #: ~1.6 ms to build on the 2-core CPU, more than a batch's products gained from it.
-BLOCK_ROWS = 1024
+BLOCK_ROWS = 2048
+#: Smaller blocks for what whole ``BLOCK_ROWS`` blocks leave, largest first (each one more
+#: primitive per layer, built once); fewer rows than the smallest go to ``addmm``.
+SMALL_BLOCKS = (512,)
+#: Layers with fewer weights stay with ``addmm`` inside the blocks too: for 32→256, 128→128 and
+#: 128→16 oneDNN was no faster (its ~20 µs a call weighs more than the product gains).
+ONEDNN_MIN_WEIGHTS = 256 * 128
 
 
 @functools.cache
@@ -79,7 +86,7 @@ def _onednn_linear():
 class FirstOrderMLP(torch.autograd.Function):
     """The MLP ``layers`` on x with frozen weights; backward gives the input's gradient only.
 
-    A float32 input of at least ``BLOCK_ROWS`` rows goes through the layers block by block, the
+    A float32 input goes through the layers block by block (``_blocks``), the large layers'
     products by oneDNN (``_onednn_linear``); the rows left over, and every other input, by
     ``addmm``. Rows are independent in an MLP, so blocks change only the order of summation."""
 
@@ -103,13 +110,13 @@ class FirstOrderMLP(torch.autograd.Function):
         transposed = {}  # oneDNN takes the weight as (in, out) for dX = dY @ W
         outs = []
         for k, (a, b) in enumerate(ctx.blocks):
-            linear = ctx.linear if b - a == BLOCK_ROWS else None
+            linear = ctx.linear if _whole(a, b) else None
             g = grad[a:b]
             own = False  # whether g is a tensor this backward made (then safe to overwrite)
             elu_outputs = kept[k * n_elu:(k + 1) * n_elu]
             for layer in reversed(ctx.modules):
                 if isinstance(layer, nn.Linear):
-                    if linear is None:
+                    if linear is None or layer.weight.numel() < ONEDNN_MIN_WEIGHTS:
                         g = g.mm(layer.weight)
                     else:
                         if layer not in transposed:
@@ -133,18 +140,27 @@ def _in_blocks(x: torch.Tensor, modules, kept: list[torch.Tensor] | None = None)
     blocks' row ranges and the output."""
     linear = _onednn_linear() if x.dtype == torch.float32 and x.device.type == "cpu" else None
     blocks = _blocks(x.shape[0]) if linear is not None else [(0, x.shape[0])]
-    outs = [_layer_by_layer(x[a:b], modules, kept, linear if b - a == BLOCK_ROWS else None)
+    outs = [_layer_by_layer(x[a:b], modules, kept, linear if _whole(a, b) else None)
             for a, b in blocks]
     return linear, blocks, outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _blocks(n: int) -> list[tuple[int, int]]:
-    """Row ranges: whole blocks of ``BLOCK_ROWS``, then the rows left over (if any)."""
-    whole = n - n % BLOCK_ROWS
-    out = [(a, a + BLOCK_ROWS) for a in range(0, whole, BLOCK_ROWS)]
-    if whole < n or not out:
-        out.append((whole, n))
+    """Row ranges: whole blocks of ``BLOCK_ROWS``, then of each ``SMALL_BLOCKS`` size, then the
+    rows left over (if any)."""
+    out: list[tuple[int, int]] = []
+    a = 0
+    for size in (BLOCK_ROWS, *SMALL_BLOCKS):
+        while n - a >= size:
+            out.append((a, a + size))
+            a += size
+    if a < n or not out:
+        out.append((a, n))
     return out
+
+
+def _whole(a: int, b: int) -> bool:
+    return b - a == BLOCK_ROWS or b - a in SMALL_BLOCKS
 
 
 def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = None,
@@ -153,7 +169,7 @@ def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = 
     ``linear`` (``_onednn_linear()``) makes the products, if given, else ``addmm``."""
     for layer in modules:
         if isinstance(layer, nn.Linear):
-            if linear is not None:
+            if linear is not None and layer.weight.numel() >= ONEDNN_MIN_WEIGHTS:
                 h = linear(h.contiguous(), layer.weight, layer.bias)
             elif layer.bias is None:
                 h = h.mm(layer.weight.t())

@@ -448,7 +448,8 @@ def test_first_order_mlp_equals_the_sequential_and_refuses_a_double_backward(las
 
 
 def test_first_order_mlp_in_blocks_equals_float64(monkeypatch):
-    """A float32 input of several ``BLOCK_ROWS`` blocks and a remainder (the blocks through oneDNN
+    """A float32 input of several ``BLOCK_ROWS`` blocks, one of each ``SMALL_BLOCKS`` and a
+    remainder (the large layers of the blocks through oneDNN
     where torch has it, as on every x86 build), inside ``first_order()`` and without gradients:
     values and the input's gradient equal the float64
     ``nn.Sequential`` to float32 precision, row by row, as closely as the single ``addmm`` path
@@ -459,7 +460,7 @@ def test_first_order_mlp_in_blocks_equals_float64(monkeypatch):
         assert cpu_mlp._onednn_linear() is not None
     torch.manual_seed(3)
     net = build_elu_mlp([32, 256, 128, 16], last_activation=True).requires_grad_(False)
-    n = 2 * cpu_mlp.BLOCK_ROWS + 37
+    n = 2 * cpu_mlp.BLOCK_ROWS + sum(cpu_mlp.SMALL_BLOCKS) + 37
     x = torch.randn(n, 32)
     gy = torch.randn(n, 16)
     x64 = x.double().requires_grad_(True)

@@ -71,7 +71,7 @@ def test_energy_is_near_dft(released_models, reference_molecules):
 @pytest.mark.parametrize("cv", range(5))
 def test_predict_path_in_one_batch(cv, released_models, reference_molecules):
     """The predict command's path (``predict_arrays``: frozen weights inside ``first_order()``, the
-    cpu backend's MLPs in oneDNN blocks of ``BLOCK_ROWS`` rows) on the molecules four times over,
+    cpu backend's MLPs in oneDNN blocks of ``BLOCK_ROWS`` rows) on the molecules eight times over,
     so that the per-atom MLPs have whole blocks too: every copy within the same limits."""
     import copy
 
@@ -79,7 +79,7 @@ def test_predict_path_in_one_batch(cv, released_models, reference_molecules):
     from aimnet_fast.predict import predict_arrays
     model = copy.deepcopy(released_models[cv]).requires_grad_(False)
     model.backend = "cpu"
-    mols = reference_molecules * 4
+    mols = reference_molecules * 8
     b = Batch.from_molecules([(m["numbers"], m["coord_A"]) for m in mols]).validate()
     assert b.n_atoms >= cpu_mlp.BLOCK_ROWS
     out = predict_arrays([model], b, forces=True)

@@ -17,6 +17,7 @@ written: a failed run leaves no output that looks complete.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -97,24 +98,17 @@ def _number_format(values: np.ndarray) -> str | None:
     return "%.9g" if np.array_equal(values.astype(np.float32), values) else "%r"
 
 
-class _Template(dict):
-    """JSON text of an (n,) or (n, c) list of numbers, as a %-format (built once per shape)."""
-
-    def __init__(self, number: str):
-        super().__init__()
-        self.number = number
-
-    def __missing__(self, shape: tuple) -> str:
-        if len(shape) == 1:
-            text = "[" + ", ".join([self.number] * shape[0]) + "]"
-        else:
-            row = "[" + ", ".join([self.number] * shape[1]) + "]"
-            text = "[" + ", ".join([row] * shape[0]) + "]"
-        self[shape] = text
-        return text
+def _template(number: str, shape: tuple) -> str:
+    """JSON text of an (n,) or (n, c) list of numbers, as a %-format."""
+    if len(shape) == 1:
+        return "[" + ", ".join([number] * shape[0]) + "]"
+    row = "[" + ", ".join([number] * shape[1]) + "]"
+    return "[" + ", ".join([row] * shape[0]) + "]"
 
 
-_TEMPLATES = {number: _Template(number) for number in ("%.9g", "%r")}
+#: The templates of molecules up to 256 atoms, built once per shape (~3 MB at most); larger ones
+#: are built per molecule, at a cost small beside formatting their numbers.
+_small_template = functools.lru_cache(maxsize=512)(_template)
 
 
 class JsonWriter(_Writer):
@@ -126,7 +120,7 @@ class JsonWriter(_Writer):
     def write(self, frames, numbers, offsets, arrays):
         # The text of each molecule is what json.dumps of its record gives (same keys, separators
         # and number forms, float32 values aside: _number_format), built from %-formats: the
-        # S66x8 ×4 output (380k numbers) took 0.36-0.48 s through json.dumps, 0.11 s so.
+        # S66x8 ×4 output (380k numbers) took 0.36-0.48 s through json.dumps, 0.11-0.18 s so.
         formats = {k: _number_format(v) for k, v in arrays.items()}
         if None in formats.values():
             return self._write_records(frames, numbers, offsets, arrays)
@@ -144,7 +138,8 @@ class JsonWriter(_Writer):
                     parts.append(keys[k] + number % per_mol[k][m])
                 else:
                     rows = v[a:b]
-                    parts.append(keys[k] + _TEMPLATES[number][rows.shape] % tuple(rows.ravel().tolist()))
+                    template = (_small_template if len(rows) <= 256 else _template)(number, rows.shape)
+                    parts.append(keys[k] + template % tuple(rows.ravel().tolist()))
             lines.append("".join(parts) + "}")
         self._put(lines)
 

@@ -138,7 +138,8 @@ def _in_blocks(x: torch.Tensor, modules, kept: list[torch.Tensor] | None = None)
     """The layers on x block by block (see ``FirstOrderMLP``); ``kept`` collects the ELU outputs,
     block after block. Returns the linear of the whole blocks (None: ``addmm`` everywhere), the
     blocks' row ranges and the output."""
-    linear = _onednn_linear() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    linear = (_onednn_linear() if x.dtype == torch.float32 and x.device.type == "cpu"
+              and torch.backends.mkldnn.enabled else None)  # the user may switch oneDNN off
     blocks = _blocks(x.shape[0]) if linear is not None else [(0, x.shape[0])]
     outs = [_layer_by_layer(x[a:b], modules, kept, linear if _whole(a, b) else None)
             for a, b in blocks]

@@ -447,12 +447,14 @@ def test_first_order_mlp_equals_the_sequential_and_refuses_a_double_backward(las
     torch.testing.assert_close(grads[0], ref_g, rtol=0, atol=1e-14)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() says so
 def test_first_order_mlp_in_blocks_equals_float64(monkeypatch):
     """A float32 input of several ``BLOCK_ROWS`` blocks, one of each ``SMALL_BLOCKS`` and a
     remainder (the large layers of the blocks through oneDNN where torch has it, as on every x86
-    build), inside ``first_order()``, without gradients and with a torch without oneDNN: values
-    and the input's gradient equal the float64 ``nn.Sequential`` to float32 precision, row by row,
-    as closely as the single ``addmm`` path does; a block in the wrong place would be off by O(1)."""
+    build), inside ``first_order()``, without gradients, with a torch without oneDNN and with
+    oneDNN switched off: values and the input's gradient equal the float64 ``nn.Sequential`` to
+    float32 precision, row by row, as closely as the single ``addmm`` path does; a block in the
+    wrong place would be off by O(1)."""
     from aimnet_fast import cpu_mlp
     from aimnet_fast.model import build_elu_mlp
     if torch.backends.mkldnn.is_available():
@@ -480,10 +482,12 @@ def test_first_order_mlp_in_blocks_equals_float64(monkeypatch):
     with monkeypatch.context() as m:  # a torch without oneDNN: addmm throughout
         m.setattr(cpu_mlp, "_onednn_linear", lambda: None)
         y2, g2 = first_order(x)
+    with torch.backends.mkldnn.flags(enabled=False):  # oneDNN switched off by the user
+        y3, g3 = first_order(x)
     monkeypatch.setattr(cpu_mlp, "BLOCK_ROWS", 10 ** 9)  # one addmm per layer
     y1, g1 = first_order(x)
-    for got, one, want in ((y, y1, ref_y), (y0, y1, ref_y), (y2, y1, ref_y), (g, g1, ref_g),
-                           (g2, g1, ref_g)):
+    for got, one, want in ((y, y1, ref_y), (y0, y1, ref_y), (y2, y1, ref_y), (y3, y1, ref_y),
+                           (g, g1, ref_g), (g2, g1, ref_g), (g3, g1, ref_g)):
         err = (got.double() - want).abs().max()
         assert err <= 3 * max((one.double() - want).abs().max(), 1e-7)
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)

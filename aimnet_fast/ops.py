@@ -8,7 +8,8 @@ Backends (``BACKENDS``):
 - ``"cpu"``    the fast CPU backend: ``aimnet_fast.cpu_aev``'s contractions (row-blocked matrix
   products and analytic backwards instead of the reference's per-term products, the AEV terms
   computed once for the T passes: ``aev_terms``),
-  ``aimnet_fast.cpu_mlp``'s MLPs (the ELU in place), the reference's neighbors
+  ``aimnet_fast.cpu_mlp``'s MLPs (the ELU in place), ``aimnet_fast.cpu_neighbors``'s lists (the
+  reference's, small molecules' radial pairs by testing every pair inside each molecule)
 - ``"triton"`` the kernels (CUDA tensors, or any tensors under TRITON_INTERPRET=1)
 - ``"auto"``   Triton for CUDA tensors where it is installed, the fast CPU backend for CPU tensors;
   decided per call from the tensors' device, because a model is often built on the CPU and moved
@@ -27,7 +28,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from . import aev, cpu_aev, cpu_mlp
+from . import aev, cpu_aev, cpu_mlp, cpu_neighbors
 from . import neighbors as reference_neighbors
 from .errors import ConfigError
 
@@ -58,6 +59,7 @@ TORCH = Backend(aev.radial_contract, aev.angular_contract, _sequential, _sequent
 CPU = TORCH._replace(radial_contract=cpu_aev.radial_contract,
                      angular_contract=cpu_aev.angular_contract,
                      elu_mlp=cpu_mlp.elu_mlp, elu_mlp_cat=cpu_mlp.elu_mlp_cat,
+                     build_neighbors=cpu_neighbors.build_neighbors,
                      aev_terms=cpu_aev.aev_terms)
 
 #: Stands for the Triton backend until its first use: importing Triton and compiling nothing

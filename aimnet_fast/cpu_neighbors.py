@@ -1,11 +1,12 @@
 """The fast CPU backend's neighbor search: the reference's lists (``aimnet_fast.neighbors``), with
 the radial pairs of small molecules found by testing every pair inside each molecule.
 
-The reference's cell list sorts the atoms into cubes and probes 27 cubes per atom: ~130 operations
-whatever the batch, 15 ms for a 7,000-atom batch of S66x8 dimers, most of a 21-atom molecule's
-search. A batch of molecules of ~20 atoms has only Σ n² ≈ 20 N candidate pairs, which a dozen
-operations enumerate and test; above ``BRUTE_FORCE_PAIRS_PER_ATOM`` candidates per atom (molecules
-of a few hundred atoms), the cell list is cheaper and is used. The angular subset, the triplets and
+The reference's cell list sorts the atoms into cubes and probes 27 cubes per atom, in ~130
+operations whatever the batch. A batch of molecules of ~20 atoms has only Σ n² ≈ 20 N candidate
+pairs, which a dozen operations enumerate and test: the radial pairs of a 7,082-atom batch of
+S66x8 dimers took 8 ms instead of 15-20 ms, a 21-atom droplet's whole search 0.29 ms instead of
+0.46 ms (bench/RESULTS.md). Above ``BRUTE_FORCE_PAIRS_PER_ATOM`` candidates per atom (molecules
+of a few hundred atoms) the cell list is cheaper and is used. The angular subset, the triplets and
 the unique pairs are the reference's functions on these pairs.
 
 The distances are decided as the reference decides them (float64, |r_j − r_i|² < cutoff²), so

@@ -94,7 +94,7 @@ class FirstOrderMLP(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
         modules = list(layers._modules.values())
         kept: list[torch.Tensor] = []
-        ctx.linear, ctx.blocks, h = _in_blocks(x, modules, kept)
+        ctx.blocks, h = _in_blocks(x, modules, kept)
         ctx.save_for_backward(*kept)
         ctx.modules = modules
         return h
@@ -109,14 +109,13 @@ class FirstOrderMLP(torch.autograd.Function):
         n_elu = len(kept) // len(ctx.blocks)
         transposed = {}  # oneDNN takes the weight as (in, out) for dX = dY @ W
         outs = []
-        for k, (a, b) in enumerate(ctx.blocks):
-            linear = ctx.linear if _whole(a, b) else None
+        for k, (a, b, linear) in enumerate(ctx.blocks):
             g = grad[a:b]
             own = False  # whether g is a tensor this backward made (then safe to overwrite)
             elu_outputs = kept[k * n_elu:(k + 1) * n_elu]
             for layer in reversed(ctx.modules):
                 if isinstance(layer, nn.Linear):
-                    if linear is None or layer.weight.numel() < ONEDNN_MIN_WEIGHTS:
+                    if _onednn_for(layer, linear) is None:
                         g = g.mm(layer.weight)
                     else:
                         if layer not in transposed:
@@ -136,32 +135,33 @@ class FirstOrderMLP(torch.autograd.Function):
 
 def _in_blocks(x: torch.Tensor, modules, kept: list[torch.Tensor] | None = None):
     """The layers on x block by block (see ``FirstOrderMLP``); ``kept`` collects the ELU outputs,
-    block after block. Returns the linear of the whole blocks (None: ``addmm`` everywhere), the
-    blocks' row ranges and the output."""
+    block after block. Returns the blocks (``_blocks``) and the output."""
     linear = (_onednn_linear() if x.dtype == torch.float32 and x.device.type == "cpu"
               and torch.backends.mkldnn.enabled else None)  # the user may switch oneDNN off
-    blocks = _blocks(x.shape[0]) if linear is not None else [(0, x.shape[0])]
-    outs = [_layer_by_layer(x[a:b], modules, kept, linear if _whole(a, b) else None)
-            for a, b in blocks]
-    return linear, blocks, outs[0] if len(outs) == 1 else torch.cat(outs)
+    blocks = _blocks(x.shape[0], linear)
+    outs = [_layer_by_layer(x[a:b], modules, kept, block_linear) for a, b, block_linear in blocks]
+    return blocks, outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _blocks(n: int) -> list[tuple[int, int]]:
-    """Row ranges: whole blocks of ``BLOCK_ROWS``, then of each ``SMALL_BLOCKS`` size, then the
-    rows left over (if any)."""
-    out: list[tuple[int, int]] = []
+def _blocks(n: int, linear) -> list[tuple[int, int, object]]:
+    """Row ranges (a, b) with the linear of their products: whole blocks of ``BLOCK_ROWS``, then
+    of each ``SMALL_BLOCKS`` size, with ``linear``; then the rows left over (if any), or all n rows
+    where ``linear`` is None, with None (``addmm``)."""
+    out: list[tuple[int, int, object]] = []
     a = 0
-    for size in (BLOCK_ROWS, *SMALL_BLOCKS):
-        while n - a >= size:
-            out.append((a, a + size))
-            a += size
+    if linear is not None:
+        for size in (BLOCK_ROWS, *SMALL_BLOCKS):
+            while n - a >= size:
+                out.append((a, a + size, linear))
+                a += size
     if a < n or not out:
-        out.append((a, n))
+        out.append((a, n, None))
     return out
 
 
-def _whole(a: int, b: int) -> bool:
-    return b - a == BLOCK_ROWS or b - a in SMALL_BLOCKS
+def _onednn_for(layer: nn.Linear, linear):
+    """``linear`` for a layer with at least ``ONEDNN_MIN_WEIGHTS`` weights, else None (``addmm``)."""
+    return linear if layer.weight.numel() >= ONEDNN_MIN_WEIGHTS else None
 
 
 def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = None,
@@ -170,7 +170,7 @@ def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = 
     ``linear`` (``_onednn_linear()``) makes the products, if given, else ``addmm``."""
     for layer in modules:
         if isinstance(layer, nn.Linear):
-            if linear is not None and layer.weight.numel() >= ONEDNN_MIN_WEIGHTS:
+            if _onednn_for(layer, linear) is not None:
                 h = linear(h.contiguous(), layer.weight, layer.bias)
             elif layer.bias is None:
                 h = h.mm(layer.weight.t())
@@ -190,7 +190,7 @@ def _run(h: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
     modules = layers._modules.values()
     linear_elu = all(isinstance(m, (nn.Linear, nn.ELU)) for m in modules)
     if not torch.is_grad_enabled() and linear_elu:  # e.g. energies alone: no graph to keep
-        return _in_blocks(h, modules)[2]
+        return _in_blocks(h, modules)[1]
     if (_FIRST_ORDER.get() and h.requires_grad and linear_elu
             and not any(p.requires_grad for p in layers.parameters())):
         return FirstOrderMLP.apply(h, layers)

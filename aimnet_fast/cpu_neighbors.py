@@ -7,7 +7,7 @@ pairs, which a dozen operations enumerate and test: the radial pairs of a 7,082-
 S66x8 dimers took 8 ms instead of 15-20 ms, a 21-atom droplet's whole search 0.29 ms instead of
 0.46 ms (bench/RESULTS.md). Above ``BRUTE_FORCE_PAIRS_PER_ATOM`` candidates per atom (molecules
 of a few hundred atoms) the cell list is cheaper and is used. The angular subset, the triplets and
-the unique pairs are the reference's functions on these pairs.
+the unique pairs are the reference's (``reference.lists_from_radial``) on these pairs.
 
 The distances are decided as the reference decides them (float64, |r_j − r_i|² < cutoff²), so
 the lists are the reference's exactly, in the same order (by i, then j).
@@ -26,14 +26,17 @@ from .constants import ANGULAR_CUTOFF_A, RADIAL_CUTOFF_A
 BRUTE_FORCE_PAIRS_PER_ATOM = 256
 
 
-def molecule_pairs(coord: torch.Tensor, mol_idx: torch.Tensor, cutoff_A: float) -> torch.Tensor:
+def molecule_pairs(coord: torch.Tensor, mol_idx: torch.Tensor, cutoff_A: float,
+                   sizes: torch.Tensor | None = None) -> torch.Tensor:
     """Ordered pairs (i, j), i ≠ j, same molecule, |r_j − r_i| < cutoff_A, from every pair inside
-    each molecule: (2, P) int64, sorted by i then j (``reference.neighbor_pairs``'s list)."""
+    each molecule: (2, P) int64, sorted by i then j (``reference.neighbor_pairs``'s list).
+    ``sizes``: ``torch.bincount(mol_idx)``, if the caller has it."""
     device = coord.device
     n = coord.shape[0]
     if n == 0:
         return torch.zeros(2, 0, dtype=torch.long, device=device)
-    sizes = torch.bincount(mol_idx)
+    if sizes is None:
+        sizes = torch.bincount(mol_idx)
     start = torch.cumsum(sizes, 0) - sizes
     per_atom = sizes[mol_idx]                               # candidates of each atom i
     total = int(per_atom.sum())
@@ -49,8 +52,10 @@ def radial_pairs(coord: torch.Tensor, mol_idx: torch.Tensor, cutoff_A: float) ->
     """``molecule_pairs`` for small molecules, ``reference.neighbor_pairs`` (the cell list) for
     large ones: the same (2, P) list either way."""
     n = coord.shape[0]
-    if n and int(torch.bincount(mol_idx).square().sum()) <= BRUTE_FORCE_PAIRS_PER_ATOM * n:
-        return molecule_pairs(coord, mol_idx, cutoff_A)
+    if n:
+        sizes = torch.bincount(mol_idx)
+        if int(sizes.square().sum()) <= BRUTE_FORCE_PAIRS_PER_ATOM * n:
+            return molecule_pairs(coord, mol_idx, cutoff_A, sizes)
     return reference.neighbor_pairs(coord, mol_idx, cutoff_A)
 
 
@@ -58,9 +63,5 @@ def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor,
                     radial_cutoff_A: float = RADIAL_CUTOFF_A,
                     angular_cutoff_A: float = ANGULAR_CUTOFF_A) -> reference.Neighbors:
     """``reference.build_neighbors``'s lists, the radial pairs by ``radial_pairs``."""
-    n = coord.shape[0]
-    radial = radial_pairs(coord, mol_idx, radial_cutoff_A)
-    angular = reference.angular_subset(coord, radial, angular_cutoff_A)
-    triplets, _ = reference.triplets_from_pairs(angular, n)
-    pairs, triplet_pair = reference.unique_pairs(triplets, n)
-    return reference.Neighbors(radial, angular, triplets, pairs, triplet_pair)
+    return reference.lists_from_radial(coord, radial_pairs(coord, mol_idx, radial_cutoff_A),
+                                       angular_cutoff_A)

@@ -121,12 +121,18 @@ class Neighbors:
     triplet_pair: torch.Tensor
 
 
-def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor,
-                    radial_cutoff_A: float = RADIAL_CUTOFF_A,
-                    angular_cutoff_A: float = ANGULAR_CUTOFF_A) -> Neighbors:
+def lists_from_radial(coord: torch.Tensor, radial: torch.Tensor,
+                      angular_cutoff_A: float = ANGULAR_CUTOFF_A) -> Neighbors:
+    """The ``Neighbors`` of the radial pairs ``radial`` (2, P), sorted by i then j."""
     n = coord.shape[0]
-    radial = neighbor_pairs(coord, mol_idx, radial_cutoff_A)
     angular = angular_subset(coord, radial, angular_cutoff_A)
     triplets, _ = triplets_from_pairs(angular, n)
     pairs, triplet_pair = unique_pairs(triplets, n)
     return Neighbors(radial, angular, triplets, pairs, triplet_pair)
+
+
+def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor,
+                    radial_cutoff_A: float = RADIAL_CUTOFF_A,
+                    angular_cutoff_A: float = ANGULAR_CUTOFF_A) -> Neighbors:
+    return lists_from_radial(coord, neighbor_pairs(coord, mol_idx, radial_cutoff_A),
+                             angular_cutoff_A)

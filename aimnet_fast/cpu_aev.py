@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import cpu_mlp, cpu_native
 from .aev import cosine_cutoff
 from .constants import (ANGULAR_CUTOFF_A, ANGULAR_ETA_PER_A2, ANGULAR_SECTORS_RAD,
                         ANGULAR_SHIFTS_A, ANGULAR_ZETA, COS_CLAMP, RADIAL_CUTOFF_A,
@@ -139,6 +140,51 @@ def _plan_for(lists, tag: str, centre: torch.Tensor, feat_index: torch.Tensor,
     return plan
 
 
+class CsrPlan(NamedTuple):
+    """Terms sorted by centre atom, for the native centre sum (``cpu_native``): atom i's terms are
+    ``ptr[i]`` .. ``ptr[i + 1]`` − 1 (``ptr`` (N + 1,)), term t reads feature row
+    ``feat_index[t]``; ``centre`` (T,) the terms' centre atoms."""
+    ptr: torch.Tensor
+    feat_index: torch.Tensor
+    centre: torch.Tensor
+
+
+def csr_plan(centre: torch.Tensor, feat_index: torch.Tensor, n_feat_rows: int,
+             n_atoms: int) -> CsrPlan | None:
+    """The ``CsrPlan`` of terms with centres ``centre`` (T,) reading rows ``feat_index`` (T,) of a
+    (n_feat_rows, F) feature tensor; None where the centres are not sorted (the rows' plan sorts).
+    The indices are checked here, once per list: the C reads memory at them unchecked."""
+    n = centre.numel()
+    if n > 1 and bool((centre[1:] < centre[:-1]).any()):
+        return None
+    if n and not (0 <= int(centre[0]) and int(centre[-1]) < n_atoms
+                  and 0 <= int(feat_index.min()) and int(feat_index.max()) < n_feat_rows):
+        raise ValueError(f"term indices out of range: centres in [0, {n_atoms}), feature rows in "
+                         f"[0, {n_feat_rows})")
+    ptr = centre.new_zeros(n_atoms + 1)
+    torch.cumsum(torch.bincount(centre, minlength=n_atoms), 0, out=ptr[1:])
+    return CsrPlan(ptr, feat_index.contiguous(), centre)
+
+
+def _csr_for(lists, tag: str, centre: torch.Tensor, feat_index: torch.Tensor, n_feat_rows: int,
+             n_atoms: int) -> CsrPlan | None:
+    """``csr_plan`` memoized as ``_plan_for``; None (unsorted) is remembered too."""
+    key = (tag + "-csr", n_feat_rows, n_atoms)
+    plan = _PLANS.get(lists, key)
+    if plan is None:
+        plan = _PLANS.put(lists, (csr_plan(centre, feat_index, n_feat_rows, n_atoms),), key)
+    return plan[0]
+
+
+def native_wanted(x: torch.Tensor) -> bool:
+    """Whether the contractions of x's terms use the native centre sum: x on the CPU in float32
+    or float64, the kernels available, and no graph that will be differentiated twice (gradients
+    off, or inside ``first_order()``: the native backward is not differentiable)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and (not torch.is_grad_enabled() or cpu_mlp.in_first_order())
+            and cpu_native.library() is not None)
+
+
 # -- the centre sum ------------------------------------------------------------------------------
 def _rows(x: torch.Tensor, slots: torch.Tensor, n_rows: int, width: int) -> torch.Tensor:
     """x (K, D) laid out in rows, (R, width, D); ``slots`` (R · width,) as ``_padded``."""
@@ -229,6 +275,45 @@ def centre_sum(terms: torch.Tensor, feat: torch.Tensor, plan: GatherPlan, n_atom
     transposed view of a contiguous (C, T) tensor (for a backward that works along T)."""
     t_rows = TermRows.apply(terms, plan.layout, grad_by_channel)
     return CentreSum.apply(t_rows, feat, plan, n_atoms, grad_by_channel)
+
+
+class NativeCentreSum(torch.autograd.Function):
+    """``centre_sum`` by the native kernels on terms (T, C) sorted by centre (``CsrPlan``): no
+    rows, no gathers; the backward reads the saved terms and features. Not differentiable twice
+    (``native_wanted`` keeps it to where no graph is differentiated again)."""
+
+    @staticmethod
+    def forward(ctx, terms: torch.Tensor, feat: torch.Tensor, plan: CsrPlan,
+                by_channel: bool) -> torch.Tensor:
+        ctx.save_for_backward(terms, feat)
+        ctx.plan, ctx.by_channel = plan, by_channel
+        return cpu_native.centre_sum(terms, feat, plan.ptr, plan.feat_index)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError("a double backward through the cpu backend's native centre sum "
+                               "inside aimnet_fast.ops.first_order(): take create_graph gradients "
+                               "outside that block")
+        terms, feat = ctx.saved_tensors
+        d_terms, d_feat = cpu_native.centre_sum_backward(terms, feat, ctx.plan.ptr,
+                                                         ctx.plan.feat_index, grad_out,
+                                                         *ctx.needs_input_grad[:2], ctx.by_channel)
+        return d_terms, d_feat, None, None
+
+
+def _contract(terms: torch.Tensor, feat: torch.Tensor, plan, n_atoms: int,
+              by_channel: bool) -> torch.Tensor:
+    """The centre sum of terms laid out for ``plan``: rows (R, width, C) for a ``GatherPlan``,
+    (T, C) for a ``CsrPlan``."""
+    terms = terms.to(feat.dtype)
+    if not isinstance(plan, CsrPlan):
+        return CentreSum.apply(terms, feat, plan, n_atoms, by_channel)
+    if cpu_native.supports(terms, feat):
+        return NativeCentreSum.apply(terms, feat, plan, by_channel)
+    # features the kernels do not take (not 16 per row): the sum as the reference writes it
+    per_term = terms[:, :, None] * feat.index_select(0, plan.feat_index)[:, None, :]
+    return per_term.new_zeros(n_atoms, *per_term.shape[1:]).index_add(0, plan.centre, per_term)
 
 
 # -- the AEV terms -------------------------------------------------------------------------------
@@ -389,52 +474,60 @@ class RadialTerms(torch.autograd.Function):
 
 
 class AevTerms(NamedTuple):
-    """The AEV terms of one neighbor list, laid out in the rows of the centre sums. They depend on
-    the coordinates alone: the model's T passes contract the same terms with other features, so
-    they are computed, laid out, kept for backward and differentiated once per forward instead of
-    once per pass. ``radial`` (R, width, 16) and ``angular`` (R', width', 32) with autograd history
-    to the coordinates, ``plans`` their ``GatherPlan``s, ``lists`` the index tensors they belong to
-    (radial pairs, triplets), checked by identity when used."""
+    """The AEV terms of one neighbor list, laid out for the centre sums. They depend on the
+    coordinates alone: the model's T passes contract the same terms with other features, so they
+    are computed, laid out, kept for backward and differentiated once per forward instead of once
+    per pass. ``radial`` and ``angular`` with autograd history to the coordinates, laid out for
+    their ``plans``: in rows, (R, width, 16) and (R', width', 32), for ``GatherPlan``s; as they
+    are, (P, 16) and (T, 32), for the native sum's ``CsrPlan``s. ``lists`` the index tensors they
+    belong to (radial pairs, triplets), checked by identity when used."""
     radial: torch.Tensor
     angular: torch.Tensor
-    plans: tuple[GatherPlan, GatherPlan]
+    plans: tuple[GatherPlan | CsrPlan, GatherPlan | CsrPlan]
     lists: tuple[torch.Tensor, torch.Tensor]
 
 
-def _radial_plan(pairs: torch.Tensor, n_atoms: int) -> GatherPlan:
-    return _plan_for(pairs, "radial", pairs[0], pairs[1], n_atoms, n_atoms, RADIAL_ROW_WIDTH)
+def _radial_plan(pairs: torch.Tensor, n_atoms: int, native: bool) -> GatherPlan | CsrPlan:
+    """The native sum's plan where ``native`` and the pairs are sorted by centre, else the rows'."""
+    plan = _csr_for(pairs, "radial", pairs[0], pairs[1], n_atoms, n_atoms) if native else None
+    return plan or _plan_for(pairs, "radial", pairs[0], pairs[1], n_atoms, n_atoms,
+                             RADIAL_ROW_WIDTH)
 
 
 def _angular_plan(triplets: torch.Tensor, triplet_pair: torch.Tensor, n_pairs: int,
-                  n_atoms: int) -> GatherPlan:
-    return _plan_for((triplets, triplet_pair), "angular", triplets[0], triplet_pair, n_pairs,
-                     n_atoms, ANGULAR_ROW_WIDTH)
+                  n_atoms: int, native: bool) -> GatherPlan | CsrPlan:
+    lists = (triplets, triplet_pair)
+    plan = _csr_for(lists, "angular", triplets[0], triplet_pair, n_pairs, n_atoms) \
+        if native else None
+    return plan or _plan_for(lists, "angular", triplets[0], triplet_pair, n_pairs, n_atoms,
+                             ANGULAR_ROW_WIDTH)
 
 
-def _radial_rows(coord: torch.Tensor, pairs: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+def _radial_rows(coord: torch.Tensor, pairs: torch.Tensor, plan) -> torch.Tensor:
     g = RadialTerms.apply(coord.index_select(0, pairs[1]) - coord.index_select(0, pairs[0]))
-    return TermRows.apply(g, plan.layout, False)
+    return g if isinstance(plan, CsrPlan) else TermRows.apply(g, plan.layout, False)
 
 
-def _angular_rows(coord: torch.Tensor, triplets: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+def _angular_rows(coord: torch.Tensor, triplets: torch.Tensor, plan) -> torch.Tensor:
     r_i = coord.index_select(0, triplets[0])
     g = angular_terms(coord.index_select(0, triplets[1]) - r_i,
                       coord.index_select(0, triplets[2]) - r_i)
     # by channel: AngularTerms' backward works along the triplets
-    return TermRows.apply(g, plan.layout, True)
+    return g if isinstance(plan, CsrPlan) else TermRows.apply(g, plan.layout, True)
 
 
 def aev_terms(coord: torch.Tensor, nb) -> AevTerms:
     """The terms of ``nb`` (a ``Neighbors``) at coord (N, 3) Å, for ``radial_contract`` and
     ``angular_contract``'s ``terms``."""
     n = coord.shape[0]
-    plans = (_radial_plan(nb.radial, n), _angular_plan(nb.triplets, nb.triplet_pair,
-                                                       nb.pairs.shape[1], n))
+    native = native_wanted(coord)
+    plans = (_radial_plan(nb.radial, n, native),
+             _angular_plan(nb.triplets, nb.triplet_pair, nb.pairs.shape[1], n, native))
     return AevTerms(_radial_rows(coord, nb.radial, plans[0]),
                     _angular_rows(coord, nb.triplets, plans[1]), plans, (nb.radial, nb.triplets))
 
 
-def _given(terms: AevTerms, which: int, index: torch.Tensor, plan: GatherPlan) -> torch.Tensor:
+def _given(terms: AevTerms, which: int, index: torch.Tensor, plan) -> torch.Tensor:
     if terms.lists[which] is not index or terms.plans[which] is not plan:
         raise ValueError("AEV terms of another neighbor list: build them with aev_terms(coord, nb) "
                          "from the list passed here")
@@ -447,9 +540,10 @@ def radial_contract(coord: torch.Tensor, pairs: torch.Tensor, afv: torch.Tensor,
     → (N, 16, F), as ``aev.radial_contract``; the terms from ``terms`` when given (built by
     ``aev_terms`` for these pairs), else from coord."""
     n = coord.shape[0]
-    plan = _radial_plan(pairs, n)
+    native = native_wanted(coord) if terms is None else isinstance(terms.plans[0], CsrPlan)
+    plan = _radial_plan(pairs, n, native)
     rows = _radial_rows(coord, pairs, plan) if terms is None else _given(terms, 0, pairs, plan)
-    return CentreSum.apply(rows.to(afv.dtype), afv, plan, n, False)
+    return _contract(rows, afv, plan, n, False)
 
 
 def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: torch.Tensor,
@@ -458,7 +552,8 @@ def angular_contract(coord: torch.Tensor, triplets: torch.Tensor, pair_feat: tor
     pair_feat (Q, F), triplet_pair (T,) → (N, 32, F), as ``aev.angular_contract``; the terms as
     ``radial_contract``'s."""
     n = coord.shape[0]
-    plan = _angular_plan(triplets, triplet_pair, pair_feat.shape[0], n)
+    native = native_wanted(coord) if terms is None else isinstance(terms.plans[1], CsrPlan)
+    plan = _angular_plan(triplets, triplet_pair, pair_feat.shape[0], n, native)
     rows = _angular_rows(coord, triplets, plan) if terms is None \
         else _given(terms, 1, triplets, plan)
-    return CentreSum.apply(rows.to(pair_feat.dtype), pair_feat, plan, n, True)
+    return _contract(rows, pair_feat, plan, n, True)

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import cpu_native
+
 _FIRST_ORDER = contextvars.ContextVar("aimnet_fast_first_order", default=False)
 
 
@@ -81,6 +83,11 @@ def _onednn_linear():
     except (AttributeError, RuntimeError, NotImplementedError):
         return None
     return lambda h, weight, bias: op(h, weight, bias, "none", [], "")
+
+
+def in_first_order() -> bool:
+    """Whether the caller is inside ``first_order()``."""
+    return _FIRST_ORDER.get()
 
 
 class FirstOrderMLP(torch.autograd.Function):
@@ -177,8 +184,10 @@ def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = 
             else:
                 h = torch.addmm(layer.bias, h, layer.weight.t())
         elif isinstance(layer, nn.ELU):
-            # The product's output is fresh and nothing else saved it: safe to overwrite.
-            h = F.elu(h, layer.alpha, inplace=True)
+            # The product's output is fresh and nothing else saved it: safe to overwrite. Where
+            # no graph records it (no grad, or FirstOrderMLP's forward), the native ELU.
+            h = F.elu(h, layer.alpha, inplace=True) if torch.is_grad_enabled() \
+                else cpu_native.elu_(h, layer.alpha)
             if kept is not None:
                 kept.append(h)
         else:  # pragma: no cover - the model builds Linear and ELU only

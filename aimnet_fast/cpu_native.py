@@ -1,0 +1,182 @@
+"""The fast CPU backend's native kernels (``cpu_native.c``): the centre sum of the AEV
+contractions and its backward, in C compiled on first use by the machine's C compiler.
+
+Why: torch composes the centre sum from gathers, padded rows, batched 16 × 16 products and an
+``index_add``, each a pass over memory; the C loop keeps an atom's 16 × 16 sums in vector
+registers while its terms stream past (an S66x8 batch's angular sum with its backward: 2.5 ms
+against 10.6 ms through torch, bench/RESULTS.md).
+
+The library is built once per machine and source into a cache directory (``AIMNET_FAST_CACHE``,
+else ``$XDG_CACHE_HOME/aimnet_fast``, else ``~/.cache/aimnet_fast``) with ``-O3 -march=native``,
+keyed by the source, the compiler, its flags and the CPU's model and instruction-set flags (a home
+directory shared by different nodes never hands one CPU another's instructions). Where there is no
+compiler (``$CC``, else ``cc``), it fails, or ``AIMNET_FAST_NATIVE=0`` is set, ``library()`` is
+None and the backend uses its torch code instead (a warning says why, once, where it failed).
+
+This module holds no math: it checks what it is given, allocates the outputs and calls the C.
+Shapes: terms (T, C) with C a multiple of 16, feat (K, 16), ptr (N + 1,) int64 where each atom's
+terms start (the terms sorted by centre atom), feat_index (T,) int64 rows of feat.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_native.c")
+#: No -ffast-math: the C sums in a fixed order and keeps IEEE semantics (FMA contraction allowed).
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
+#: Features per row the kernels handle (one vector), and the channel group they step by.
+WIDTH = 16
+
+#: Where outputs are allocated (tests replace it to fill them with NaN first).
+_empty = torch.empty
+
+_FUNCTIONS = {
+    "centre_sum": ("p", "i", "p", "p", "p", "i", "i", "p"),
+    "centre_sum_backward": ("p", "i", "p", "p", "p", "i", "i", "p", "i", "p", "i", "i", "p"),
+}
+_FLOAT_ONLY = {"elu_f32": ("p", "i", "f")}
+_SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("AIMNET_FAST_CACHE"):
+        return Path(os.environ["AIMNET_FAST_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "aimnet_fast"
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and instruction-set flags (what ``-march=native`` compiles for)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    lines = [line for line in text.splitlines()
+             if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")]
+    return "\n".join(dict.fromkeys(lines))  # each distinct line once (one per core otherwise)
+
+
+def _compiler() -> list[str] | None:
+    cc = os.environ.get("CC", "cc").split()
+    return cc if cc and shutil.which(cc[0]) else None
+
+
+def _build(cc: list[str]) -> Path:
+    """The library's path, compiled into the cache unless already there."""
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cc), version, " ".join(FLAGS),
+                                    platform.machine(), _cpu_identity()]).encode()).hexdigest()[:20]
+    cache = _cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        cache = Path(tempfile.gettempdir()) / f"aimnet_fast-{os.getuid()}"
+        cache.mkdir(exist_ok=True)
+    path = cache / f"cpu_native-{key}.so"
+    if path.exists():
+        return path
+    # compiled beside and renamed into place: processes starting together (torchrun) never load a
+    # half-written file
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cc)} failed on {SOURCE}:\n{done.stderr[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot be had (see the module's docstring)."""
+    if os.environ.get("AIMNET_FAST_NATIVE", "1") == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+        kinds = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float}
+        functions = {name + suffix: args for name, args in _FUNCTIONS.items()
+                     for suffix in _SUFFIX.values()}
+        for name, args in {**functions, **_FLOAT_ONLY}.items():
+            fn = getattr(lib, name)
+            fn.argtypes = [kinds[a] for a in args]
+            fn.restype = None
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
+        warnings.warn(f"aimnet_fast: the cpu backend's native kernels are not available ({err}); "
+                      "using its torch code instead (slower, same results)", RuntimeWarning,
+                      stacklevel=2)
+        return None
+    return lib
+
+
+def supports(terms: torch.Tensor, feat: torch.Tensor) -> bool:
+    """Whether the kernels take these inputs (CPU, float32 or float64, 16 features, channels in
+    groups of 16) and are available."""
+    return (terms.device.type == "cpu" and terms.dtype in _SUFFIX and feat.dtype == terms.dtype
+            and terms.dim() == 2 and terms.shape[1] % WIDTH == 0 and feat.dim() == 2
+            and feat.shape[1] == WIDTH and library() is not None)
+
+
+def _call(name: str, *args) -> None:
+    getattr(library(), name)(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def centre_sum(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tensor,
+               feat_index: torch.Tensor) -> torch.Tensor:
+    """out[i, c, f] = Σ_{t in ptr[i] .. ptr[i+1]-1} terms[t, c] · feat[feat_index[t], f] → (N, C, 16)."""
+    terms, feat = terms.contiguous(), feat.contiguous()
+    n_atoms, C = ptr.numel() - 1, terms.shape[1]
+    out = _empty(n_atoms, C, WIDTH, dtype=terms.dtype)
+    _call("centre_sum" + _SUFFIX[terms.dtype], terms, C, feat, ptr, feat_index, 0, n_atoms, out)
+    return out
+
+
+def centre_sum_backward(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tensor,
+                        feat_index: torch.Tensor, grad_out: torch.Tensor, need_terms: bool,
+                        need_feat: bool, by_channel: bool = False,
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """d terms (T, C) and d feat (K, 16) of ``centre_sum`` from d out (N, C, 16), each None when
+    not needed. ``by_channel``: d terms as the transposed view of a contiguous (C, T) tensor."""
+    terms, feat = terms.contiguous(), feat.contiguous()
+    n_atoms, (T, C) = ptr.numel() - 1, terms.shape
+    if grad_out.stride()[1:] != (WIDTH, 1):  # atoms may lie apart: no copy for a column slice
+        grad_out = grad_out.contiguous()
+    d_terms = None
+    if need_terms:
+        d_terms = _empty(C, T, dtype=terms.dtype).t() if by_channel \
+            else _empty(T, C, dtype=terms.dtype)
+    if not need_feat and d_terms is None:
+        return None, None
+    d_feat = torch.zeros(feat.shape, dtype=feat.dtype) if need_feat else None
+    st, sc = d_terms.stride() if d_terms is not None else (0, 0)
+    _call("centre_sum_backward" + _SUFFIX[terms.dtype], terms, C, feat, ptr, feat_index, 0, n_atoms,
+          grad_out, grad_out.stride(0), d_terms, st, sc, d_feat)  # None: NULL, not computed
+    return d_terms, d_feat
+
+
+def elu_(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """x = ELU(x) in place, float32 contiguous CPU x (else ``F.elu``'s in-place ELU); returns x.
+    expm1 here is within 0.9 ulp of the exact value, torch's within 1.0 (tests/test_cpu_native.py)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() \
+            or library() is None:
+        return torch.nn.functional.elu(x, alpha, inplace=True)
+    library().elu_f32(x.data_ptr(), x.numel(), alpha)
+    return x

@@ -1,0 +1,304 @@
+"""The cpu backend's native kernels (``aimnet_fast.cpu_native``, C compiled on first use) against
+the float64 reference: the centre sums of both contractions with their gradients (float64 to
+1e-10, float32 to float32 precision, outputs filled with NaN before the kernels write them), the
+ELU against float64 expm1 over every range of its argument, and what happens without them: no
+compiler, a failing one, lists not sorted by centre, features the kernels do not take, a double
+backward."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from aimnet_fast import aev, cpu_aev, cpu_native
+from aimnet_fast.ops import first_order
+
+from test_cpu_backend import _inputs
+
+needs_compiler = pytest.mark.skipif(cpu_native._compiler() is None,
+                                    reason="no C compiler ($CC or cc) on this machine")
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """The kernels' outputs filled with NaN before they are written."""
+    def empty(*shape, dtype=None):
+        return torch.full(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape,
+                          float("nan"), dtype=dtype)
+    monkeypatch.setattr(cpu_native, "_empty", empty)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts the native centre sums (forward, backward) actually run."""
+    calls = {"forward": 0, "backward": 0}
+    for name, key in (("centre_sum", "forward"), ("centre_sum_backward", "backward")):
+        real = getattr(cpu_native, name)
+
+        def counted(*a, _real=real, _key=key, **k):
+            calls[_key] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(cpu_native, name, counted)
+    return calls
+
+
+@needs_compiler
+def test_the_kernels_build_where_there_is_a_compiler():
+    assert cpu_native.library() is not None
+
+
+def _contract(impl, which, coord, nb, feat):
+    if which == "radial":
+        return impl.radial_contract(coord, nb.radial, feat)
+    return impl.angular_contract(coord, nb.triplets, feat, nb.triplet_pair)
+
+
+def _values_and_gradients(impl, which, coord, nb, afv, pair_feat, dtype, inside_first_order):
+    c = coord.to(dtype).clone().requires_grad_(True)
+    feat = (afv if which == "radial" else pair_feat).to(dtype).clone().requires_grad_(True)
+    with first_order() if inside_first_order else torch.enable_grad():
+        out = _contract(impl, which, c, nb, feat)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        grads = torch.autograd.grad((out * w.to(dtype)).sum(), (c, feat))
+    return out.detach().double(), *(g.double() for g in grads)
+
+
+@needs_compiler
+@pytest.mark.parametrize("which", ["radial", "angular"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_native_centre_sums_equal_the_reference_in_float64(which, seed, poisoned, native_calls):
+    """Values, d/dcoord and d/dfeature inside first_order(), on molecules of 1–30 atoms (centres
+    with 0 to ~60 terms), against the reference's float64 contraction."""
+    coord, nb, afv, pair_feat = _inputs(seed)
+    want = _values_and_gradients(aev, which, coord, nb, afv, pair_feat, torch.float64, False)
+    got = _values_and_gradients(cpu_aev, which, coord, nb, afv, pair_feat, torch.float64, True)
+    assert native_calls == {"forward": 1, "backward": 1}
+    for name, x, r in zip(("value", "d/dcoord", "d/dfeat"), got, want):
+        err = float((x - r).abs().max() / r.abs().max().clamp(min=1.0))
+        assert err < 1e-10, f"{which} {name}: relative error {err:.3g}"
+
+
+@needs_compiler
+@pytest.mark.parametrize("which", ["radial", "angular"])
+def test_native_centre_sums_in_float32_are_as_close_as_the_rows(which, poisoned, native_calls):
+    """In float32 the native sums (another order of summation) are no further from float64 than
+    the cpu backend's rows path (the torch code it replaces) is, within 2× and 1e-6."""
+    coord, nb, afv, pair_feat = _inputs(4)
+    want = _values_and_gradients(aev, which, coord, nb, afv, pair_feat, torch.float64, False)
+    native = _values_and_gradients(cpu_aev, which, coord, nb, afv, pair_feat, torch.float32, True)
+    assert native_calls == {"forward": 1, "backward": 1}
+    rows = _values_and_gradients(cpu_aev, which, coord, nb, afv, pair_feat, torch.float32, False)
+    assert native_calls == {"forward": 1, "backward": 1}   # outside first_order: the rows
+    for name, x, y, r in zip(("value", "d/dcoord", "d/dfeat"), native, rows, want):
+        scale = float(r.abs().max())
+        err, err_rows = float((x - r).abs().max()), float((y - r).abs().max())
+        assert err <= 2 * err_rows + 1e-6 * scale, f"{which} {name}: {err:.3g} vs rows {err_rows:.3g}"
+
+
+@needs_compiler
+def test_no_grad_forward_uses_the_native_sums(native_calls):
+    coord, nb, afv, pair_feat = _inputs(5)
+    want = aev.angular_contract(coord, nb.triplets, pair_feat, nb.triplet_pair)
+    with torch.no_grad():
+        got = cpu_aev.angular_contract(coord, nb.triplets, pair_feat, nb.triplet_pair)
+    assert native_calls["forward"] == 1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@needs_compiler
+def test_gradient_of_a_column_slice_and_of_terms_by_channel():
+    """The backward reads d out from a column slice of a wider gradient (atoms apart, no copy)
+    and writes d terms as a (C, T) tensor's transposed view; both as from contiguous tensors."""
+    g = torch.Generator().manual_seed(2)
+    centre = torch.tensor([0, 0, 0, 2, 2, 3])
+    ptr = torch.tensor([0, 3, 3, 5, 6])
+    feat_index = torch.tensor([1, 0, 1, 2, 0, 2])
+    terms = torch.randn(6, 32, generator=g, dtype=torch.float64)
+    feat = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    wide = torch.randn(4, 40 * 16, generator=g, dtype=torch.float64)
+    d_out = wide[:, 8 * 16:].view(4, 32, 16)                       # atoms 640 apart
+    assert not d_out.is_contiguous()
+    want = torch.einsum("tc,tf->tcf", terms, feat[feat_index])
+    want_d_terms = torch.einsum("tcf,tf->tc", d_out[centre], feat[feat_index])
+    want_d_feat = torch.zeros(3, 16, dtype=torch.float64).index_add_(
+        0, feat_index, torch.einsum("tc,tcf->tf", terms, d_out[centre]))
+    out = cpu_native.centre_sum(terms, feat, ptr, feat_index)
+    torch.testing.assert_close(out, torch.zeros(4, 32, 16, dtype=torch.float64)
+                               .index_add_(0, centre, want), rtol=1e-14, atol=1e-14)
+    for by_channel in (False, True):
+        d_terms, d_feat = cpu_native.centre_sum_backward(terms, feat, ptr, feat_index, d_out,
+                                                         True, True, by_channel)
+        assert d_terms.t().is_contiguous() == by_channel
+        torch.testing.assert_close(d_terms, want_d_terms, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(d_feat, want_d_feat, rtol=1e-14, atol=1e-14)
+    assert cpu_native.centre_sum_backward(terms, feat, ptr, feat_index, d_out, False, False) \
+        == (None, None)
+
+
+@needs_compiler
+def test_lists_not_sorted_by_centre_take_the_rows(native_calls):
+    coord, nb, afv, pair_feat = _inputs(6)
+    order = torch.randperm(nb.radial.shape[1], generator=torch.Generator().manual_seed(0))
+    shuffled = nb.radial[:, order].contiguous()
+    with first_order():
+        c = coord.clone().requires_grad_(True)
+        got = cpu_aev.radial_contract(c, shuffled, afv)
+        (d,) = torch.autograd.grad(got.sum(), c)
+    assert native_calls == {"forward": 0, "backward": 0}
+    c = coord.clone().requires_grad_(True)
+    want = aev.radial_contract(c, nb.radial, afv)
+    (d_want,) = torch.autograd.grad(want.sum(), c)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d, d_want, rtol=1e-10, atol=1e-10)
+
+
+def test_plan_indices_out_of_range_are_refused():
+    centre = torch.tensor([0, 1, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        cpu_aev.csr_plan(centre, torch.tensor([0, 1, 5]), 5, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        cpu_aev.csr_plan(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]), 5, 2)
+    assert cpu_aev.csr_plan(torch.tensor([1, 0]), torch.tensor([0, 0]), 1, 2) is None  # unsorted
+
+
+@needs_compiler
+def test_features_the_kernels_do_not_take_are_summed_by_torch(native_calls):
+    """Three features a row instead of 16: the terms' plan is the native one, the sum torch's."""
+    coord, nb, _, _ = _inputs(7)
+    afv = torch.randn(coord.shape[0], 3, generator=torch.Generator().manual_seed(1),
+                      dtype=torch.float64)
+    with first_order():
+        c = coord.clone().requires_grad_(True)
+        got = cpu_aev.radial_contract(c, nb.radial, afv)
+        (d,) = torch.autograd.grad(got.sum(), c)
+    assert native_calls == {"forward": 0, "backward": 0}
+    c = coord.clone().requires_grad_(True)
+    want = aev.radial_contract(c, nb.radial, afv)
+    (d_want,) = torch.autograd.grad(want.sum(), c)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d, d_want, rtol=1e-10, atol=1e-10)
+
+
+@needs_compiler
+def test_a_double_backward_inside_first_order_is_refused():
+    coord, nb, afv, _ = _inputs(8)
+    with first_order():
+        c = coord.clone().requires_grad_(True)
+        out = cpu_aev.radial_contract(c, nb.radial, afv)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(out.sum(), c, create_graph=True)
+
+
+# -- the ELU ------------------------------------------------------------------------------------
+def _elu_arguments():
+    dense = torch.linspace(-30.0, 0.0, 1_000_001, dtype=torch.float32)
+    tiny = -torch.logspace(-40, 1.5, 200_001, dtype=torch.float32)  # subnormal to -31.6
+    rnd = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 4
+    # every float32 near the points where x / ln 2 rounds to the next integer
+    edges = torch.cat([torch.nextafter(torch.full((64,), k * math.log(2) / 2, dtype=torch.float32),
+                                       torch.tensor(0.0)) for k in range(-50, 1)])
+    special = torch.tensor([0.0, -0.0, 1.0, 3.5, 1e30, -1e30, float("inf"), -float("inf")])
+    return torch.cat([dense, tiny, rnd, edges, special])
+
+
+@needs_compiler
+def test_native_elu_within_nine_tenths_of_an_ulp():
+    """Measured: 0.87 ulp at most (torch's own float32 ELU: 1.0 ulp, at −16.6)."""
+    x = _elu_arguments()
+    got = cpu_native.elu_(x.clone(), 1.0)
+    finite = x.isfinite()
+    exact = torch.where(x.double() > 0, x.double(), torch.expm1(x.double()))[finite]
+    # the float32 spacing at the exact value: 2^(e − 24) for |exact| in [2^(e−1), 2^e)
+    ulp = torch.ldexp(torch.ones_like(exact), (torch.frexp(exact).exponent - 24).clamp(min=-149))
+    err = ((got[finite].double() - exact).abs() / ulp).max()
+    assert err <= 0.9, f"{err:.3f} ulp"
+    # positive arguments, zeros of either sign, infinities exactly as torch's
+    exact_cases = (x >= 0) | x.isinf()
+    assert torch.equal(got[exact_cases], torch.nn.functional.elu(x)[exact_cases])
+    assert torch.equal(torch.signbit(got[x == 0]), torch.signbit(x[x == 0]))
+
+
+@needs_compiler
+def test_native_elu_nan_alpha_and_what_it_does_not_take():
+    x = torch.tensor([float("nan"), -1.0, -0.5, 2.0] * 5)
+    got = cpu_native.elu_(x.clone(), 0.7)
+    assert got[0::4].isnan().all()
+    torch.testing.assert_close(got, torch.nn.functional.elu(x, 0.7), rtol=1e-7, atol=0,
+                               equal_nan=True)
+    for other in (x.double(), torch.randn(8, 6)[:, ::2]):   # float64, not contiguous: torch's ELU
+        out = cpu_native.elu_(other, 1.0)
+        assert torch.equal(out, torch.nn.functional.elu(other, 1.0)) or out is other
+
+
+# -- without the kernels -------------------------------------------------------------------------
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """library() built afresh into an empty cache, and forgotten again after the test."""
+    monkeypatch.setenv("AIMNET_FAST_CACHE", str(tmp_path))
+    cpu_native.library.cache_clear()
+    yield tmp_path
+    cpu_native.library.cache_clear()
+
+
+def test_switched_off_or_without_a_compiler_the_backend_is_the_torch_code(fresh_library,
+                                                                          monkeypatch,
+                                                                          native_calls):
+    coord, nb, afv, _ = _inputs(9)
+    c = coord.clone().requires_grad_(True)
+    want = aev.radial_contract(c, nb.radial, afv)
+    (d_want,) = torch.autograd.grad(want.sum(), c)
+    for env, value in (("AIMNET_FAST_NATIVE", "0"), ("CC", "no-such-compiler-here")):
+        monkeypatch.setenv(env, value)
+        cpu_native.library.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                 # nothing to warn about: a choice
+            assert cpu_native.library() is None
+        with first_order():
+            c = coord.clone().requires_grad_(True)
+            got = cpu_aev.radial_contract(c, nb.radial, afv)
+            (d,) = torch.autograd.grad(got.sum(), c)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(d, d_want, rtol=1e-10, atol=1e-10)
+        monkeypatch.delenv(env)
+    assert native_calls == {"forward": 0, "backward": 0}
+    assert cpu_native.elu_(torch.tensor([-1.0]), 1.0) == torch.tensor([math.expm1(-1.0)])
+
+
+def test_a_failing_compiler_warns_once_and_leaves_no_file(fresh_library, monkeypatch):
+    monkeypatch.setenv("CC", "false")                      # exits 1 without output
+    with pytest.warns(RuntimeWarning, match="native kernels are not available"):
+        assert cpu_native.library() is None
+    assert cpu_native.library() is None                    # decided once
+    assert list(fresh_library.iterdir()) == []
+
+
+@needs_compiler
+def test_built_once_into_the_cache(fresh_library):
+    assert cpu_native.library() is not None
+    built = list(fresh_library.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    path = cpu_native._build(cpu_native._compiler())    # a second process: found, not rebuilt
+    assert path == built[0] and path.stat().st_mtime_ns == stamp
+    assert list(fresh_library.iterdir()) == built
+
+
+@needs_compiler
+def test_predict_path_with_and_without_the_kernels(released_models, reference_molecules,
+                                                   monkeypatch, native_calls):
+    """The predict path (first_order, the cpu backend) on the 20 reference molecules in float64,
+    with the native kernels and with the torch code: the same energies, forces, charges."""
+    import copy
+    from aimnet_fast.batch import Batch
+    from aimnet_fast.predict import predict_arrays
+    model = copy.deepcopy(released_models[0]).double().requires_grad_(False)
+    model.backend = "cpu"
+    b = Batch.from_molecules([(m["numbers"], m["coord_A"]) for m in reference_molecules],
+                             dtype=torch.float64)
+    native = predict_arrays([model], b, forces=True)
+    assert native_calls["forward"] == 6 and native_calls["backward"] == 6   # 3 passes × 2
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
+    plain = predict_arrays([model], b, forces=True)
+    for key in ("energy_Ha", "forces_Ha_per_A", "charges_e", "volumes_bohr3"):
+        np.testing.assert_allclose(native[key], plain[key], rtol=0, atol=1e-10, err_msg=key)

@@ -31,6 +31,7 @@ by centre atom (any order is accepted, at the cost of a sort); outputs (N, 16, F
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -150,15 +151,17 @@ class CsrPlan(NamedTuple):
 
 
 def csr_plan(centre: torch.Tensor, feat_index: torch.Tensor, n_feat_rows: int,
-             n_atoms: int) -> CsrPlan | None:
+             n_atoms: int, atoms: torch.Tensor | None = None) -> CsrPlan | None:
     """The ``CsrPlan`` of terms with centres ``centre`` (T,) reading rows ``feat_index`` (T,) of a
     (n_feat_rows, F) feature tensor; None where the centres are not sorted (the rows' plan sorts).
-    The indices are checked here, once per list: the C reads memory at them unchecked."""
+    The indices are checked here, once per list, with the terms' other ``atoms`` if given: the C
+    reads memory at them unchecked."""
     n = centre.numel()
     if n > 1 and bool((centre[1:] < centre[:-1]).any()):
         return None
     if n and not (0 <= int(centre[0]) and int(centre[-1]) < n_atoms
-                  and 0 <= int(feat_index.min()) and int(feat_index.max()) < n_feat_rows):
+                  and 0 <= int(feat_index.min()) and int(feat_index.max()) < n_feat_rows
+                  and (atoms is None or 0 <= int(atoms.min()) and int(atoms.max()) < n_atoms)):
         raise ValueError(f"term indices out of range: centres in [0, {n_atoms}), feature rows in "
                          f"[0, {n_feat_rows})")
     ptr = centre.new_zeros(n_atoms + 1)
@@ -167,12 +170,12 @@ def csr_plan(centre: torch.Tensor, feat_index: torch.Tensor, n_feat_rows: int,
 
 
 def _csr_for(lists, tag: str, centre: torch.Tensor, feat_index: torch.Tensor, n_feat_rows: int,
-             n_atoms: int) -> CsrPlan | None:
+             n_atoms: int, atoms: torch.Tensor | None = None) -> CsrPlan | None:
     """``csr_plan`` memoized as ``_plan_for``; None (unsorted) is remembered too."""
     key = (tag + "-csr", n_feat_rows, n_atoms)
     plan = _PLANS.get(lists, key)
     if plan is None:
-        plan = _PLANS.put(lists, (csr_plan(centre, feat_index, n_feat_rows, n_atoms),), key)
+        plan = _PLANS.put(lists, (csr_plan(centre, feat_index, n_feat_rows, n_atoms, atoms),), key)
     return plan[0]
 
 
@@ -441,7 +444,11 @@ def _exp_floored(x: torch.Tensor) -> torch.Tensor:
     The radial Gaussians reach exp(−269); torch's vectorized float32 exp takes a path ~13 times
     slower where its result underflows (measured on this project's 2-core CPU). Never reached in
     float64 (floor −707)."""
-    return torch.exp(x.clamp(min=math.log(torch.finfo(x.dtype).tiny) + 1.0))
+    return torch.exp(x.clamp(min=_exp_floor(x.dtype)))
+
+
+def _exp_floor(dtype: torch.dtype) -> float:
+    return math.log(torch.finfo(dtype).tiny) + 1.0
 
 
 def _radial_parts(r: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -473,6 +480,60 @@ class RadialTerms(torch.autograd.Function):
         return (d_d / d)[:, None] * r
 
 
+@functools.cache
+def _native_constants(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The radial shifts (16,), the angular sectors' cos and sin (8, 2) and shifts (4,) in dtype."""
+    return tuple(t.to(dtype).contiguous() for t in (_RADIAL_SHIFTS, _SECTORS_COS_SIN, _ANGULAR_SHIFTS))
+
+
+def _refuse_double_backward(what: str) -> None:
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"a double backward through the cpu backend's native {what} inside "
+                           "aimnet_fast.ops.first_order(): take create_graph gradients outside "
+                           "that block")
+
+
+class NativeRadialTerms(torch.autograd.Function):
+    """``RadialTerms`` of the pairs (2, P) at coord (N, 3) Å by the native kernels, bond vectors
+    and all: g (P, 16); backward d coord (N, 3), recomputed from the coordinates. Not
+    differentiable twice (used where ``native_wanted``)."""
+
+    @staticmethod
+    def forward(ctx, coord: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(coord, pairs)
+        return cpu_native.radial_terms(coord, pairs, _native_constants(coord.dtype)[0],
+                                       RADIAL_ETA_PER_A2, RADIAL_CUTOFF_A, _exp_floor(coord.dtype))
+
+    @staticmethod
+    def backward(ctx, d_g: torch.Tensor):
+        _refuse_double_backward("radial terms")
+        coord, pairs = ctx.saved_tensors
+        return cpu_native.radial_terms_backward(coord, pairs, _native_constants(coord.dtype)[0],
+                                                RADIAL_ETA_PER_A2, RADIAL_CUTOFF_A,
+                                                _exp_floor(coord.dtype), d_g), None
+
+
+class NativeAngularTerms(torch.autograd.Function):
+    """``AngularTerms`` of the triplets (3, T) at coord (N, 3) Å by the native kernels: g (T, 32);
+    backward d coord (N, 3). Not differentiable twice."""
+
+    @staticmethod
+    def forward(ctx, coord: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(coord, triplets)
+        _, sectors, shifts = _native_constants(coord.dtype)
+        return cpu_native.angular_terms(coord, triplets, sectors, shifts, ANGULAR_ETA_PER_A2,
+                                        ANGULAR_CUTOFF_A, COS_CLAMP, _ANGULAR_SCALE)
+
+    @staticmethod
+    def backward(ctx, d_g: torch.Tensor):
+        _refuse_double_backward("angular terms")
+        coord, triplets = ctx.saved_tensors
+        _, sectors, shifts = _native_constants(coord.dtype)
+        return cpu_native.angular_terms_backward(coord, triplets, sectors, shifts,
+                                                 ANGULAR_ETA_PER_A2, ANGULAR_CUTOFF_A, COS_CLAMP,
+                                                 _ANGULAR_SCALE, d_g), None
+
+
 class AevTerms(NamedTuple):
     """The AEV terms of one neighbor list, laid out for the centre sums. They depend on the
     coordinates alone: the model's T passes contract the same terms with other features, so they
@@ -497,23 +558,27 @@ def _radial_plan(pairs: torch.Tensor, n_atoms: int, native: bool) -> GatherPlan 
 def _angular_plan(triplets: torch.Tensor, triplet_pair: torch.Tensor, n_pairs: int,
                   n_atoms: int, native: bool) -> GatherPlan | CsrPlan:
     lists = (triplets, triplet_pair)
-    plan = _csr_for(lists, "angular", triplets[0], triplet_pair, n_pairs, n_atoms) \
-        if native else None
+    plan = _csr_for(lists, "angular", triplets[0], triplet_pair, n_pairs, n_atoms,
+                    triplets[1:]) if native else None
     return plan or _plan_for(lists, "angular", triplets[0], triplet_pair, n_pairs, n_atoms,
                              ANGULAR_ROW_WIDTH)
 
 
 def _radial_rows(coord: torch.Tensor, pairs: torch.Tensor, plan) -> torch.Tensor:
+    if isinstance(plan, CsrPlan):  # the native sums' plan: the native terms too
+        return NativeRadialTerms.apply(coord, pairs)
     g = RadialTerms.apply(coord.index_select(0, pairs[1]) - coord.index_select(0, pairs[0]))
-    return g if isinstance(plan, CsrPlan) else TermRows.apply(g, plan.layout, False)
+    return TermRows.apply(g, plan.layout, False)
 
 
 def _angular_rows(coord: torch.Tensor, triplets: torch.Tensor, plan) -> torch.Tensor:
+    if isinstance(plan, CsrPlan):
+        return NativeAngularTerms.apply(coord, triplets)
     r_i = coord.index_select(0, triplets[0])
     g = angular_terms(coord.index_select(0, triplets[1]) - r_i,
                       coord.index_select(0, triplets[2]) - r_i)
     # by channel: AngularTerms' backward works along the triplets
-    return g if isinstance(plan, CsrPlan) else TermRows.apply(g, plan.layout, True)
+    return TermRows.apply(g, plan.layout, True)
 
 
 def aev_terms(coord: torch.Tensor, nb) -> AevTerms:

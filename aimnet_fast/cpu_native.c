@@ -10,26 +10,35 @@
  * index_add, each a pass over memory and each small (~2 ms of 10 for a 2,664-atom batch); here the
  * 16 x 16 accumulator of an atom stays in vector registers while its terms stream past.
  *
+ * The AEV terms from the coordinates and their coordinate gradients (below the centre sums).
  * And the ELU of the MLPs, in place, in float (below the includes).
  *
  * No fast-math: every sum runs in a fixed order (lanes are independent), so results are the same
- * from call to call. The centre sums are compiled twice from this one file, for float (_f32) and
- * double (_f64).
+ * from call to call. The centre sums and the terms are compiled twice from this one file, for float
+ * (_f32) and double (_f64).
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifndef M_PI
+#  define M_PI 3.14159265358979323846
+#endif
 
 #ifndef REAL
 #  define REAL float
 #  define KERNEL(name) name##_f32
+#  define MATH(name) name##f
 #  include __FILE__
 #  undef REAL
 #  undef KERNEL
+#  undef MATH
 #  define REAL double
 #  define KERNEL(name) name##_f64
+#  define MATH(name) name
 #  include __FILE__
 #  undef REAL
 #  undef KERNEL
+#  undef MATH
 
 /* expm1(x) for x <= 0 in float, within 0.9 ulp of the exact value (tests/test_cpu_native.py;
  * torch's float32 ELU: within 1.0):
@@ -132,6 +141,177 @@ void KERNEL(centre_sum_backward)(const REAL *terms, int64_t C, const REAL *feat,
                     memcpy(row, &q, sizeof q);
                 }
             }
+        }
+    }
+}
+
+/* -- the AEV terms, from the coordinates ------------------------------------------------------
+ * As aimnet_fast/aev.py: fc(d) = 0.5 cos(pi min(d / Rc, 1)) + 0.5; the radial terms
+ * g[p, s] = exp(-eta (d - shift_s)^2) fc(d), the exponent floored at exp_floor (where torch's
+ * vectorized exp takes a slow path, cpu_aev._exp_floored); the angular terms
+ * g[t, z * 4 + a] = 2^(1 - zeta) fc(d_ij) fc(d_ik) (1 + cos(theta - theta_z))^8
+ *                   exp(-eta ((d_ij + d_ik) / 2 - shift_a)^2),
+ * cos(theta - theta_z) = cos theta cos theta_z + sin theta sin theta_z, cos theta clamped to
+ * +-cos_clamp (no gradient where clamped). The backwards recompute what they need from the
+ * coordinates (nothing is kept between forward and backward) and add each term's gradient into
+ * d_coord of its atoms, in the order of the terms (the same sums every call). Bond vectors
+ * r_ij = coord[j] - coord[i]. */
+
+static inline REAL KERNEL(cutoff)(REAL d, REAL cutoff)
+{
+    REAL x = d / cutoff;
+    return (REAL)0.5 * MATH(cos)((REAL)M_PI * (x < 1 ? x : 1)) + (REAL)0.5;
+}
+
+/* dfc/dd: zero beyond the cutoff, as the reference's clamp makes it */
+static inline REAL KERNEL(cutoff_slope)(REAL d, REAL cutoff)
+{
+    REAL x = d / cutoff;
+    return x <= 1 ? (REAL)(-0.5 * M_PI) / cutoff * MATH(sin)((REAL)M_PI * x) : 0;
+}
+
+static inline void KERNEL(bond)(const REAL *coord, int64_t i, int64_t j, REAL r[3])
+{
+    for (int x = 0; x < 3; ++x) r[x] = coord[j * 3 + x] - coord[i * 3 + x];
+}
+
+/* g (P, 16) for the pairs (i, j) = (pairs[p], pairs[n_pairs + p]) */
+void KERNEL(radial_terms)(const REAL *coord, const int64_t *pairs, int64_t n_pairs,
+                          const REAL *shifts, REAL eta, REAL cutoff, REAL exp_floor, REAL *g)
+{
+    for (int64_t p = 0; p < n_pairs; ++p) {
+        REAL r[3];
+        KERNEL(bond)(coord, pairs[p], pairs[n_pairs + p], r);
+        REAL d = MATH(sqrt)(r[0] * r[0] + r[1] * r[1] + r[2] * r[2]);
+        REAL fc = KERNEL(cutoff)(d, cutoff);
+        for (int s = 0; s < 16; ++s) {
+            REAL sh = d - shifts[s], e = -eta * (sh * sh);
+            g[p * 16 + s] = MATH(exp)(e > exp_floor ? e : exp_floor) * fc;
+        }
+    }
+}
+
+/* d_coord (N, 3) += the coordinate gradient of sum(d_g * g); d_g (P, 16) with strides (st, sc) */
+void KERNEL(radial_terms_backward)(const REAL *coord, const int64_t *pairs, int64_t n_pairs,
+                                   const REAL *shifts, REAL eta, REAL cutoff, REAL exp_floor,
+                                   const REAL *d_g, int64_t st, int64_t sc, REAL *d_coord)
+{
+    for (int64_t p = 0; p < n_pairs; ++p) {
+        int64_t i = pairs[p], j = pairs[n_pairs + p];
+        REAL r[3];
+        KERNEL(bond)(coord, i, j, r);
+        REAL d = MATH(sqrt)(r[0] * r[0] + r[1] * r[1] + r[2] * r[2]);
+        REAL fc = KERNEL(cutoff)(d, cutoff);
+        REAL by_gauss = 0, by_slope = 0;  /* sum dG gauss, sum dG gauss (d - s) */
+        for (int s = 0; s < 16; ++s) {
+            REAL sh = d - shifts[s], e = -eta * (sh * sh);
+            REAL gg = d_g[p * st + s * sc] * MATH(exp)(e > exp_floor ? e : exp_floor);
+            by_gauss += gg;
+            by_slope += gg * sh;
+        }
+        REAL d_d = fc * (-2 * eta) * by_slope + KERNEL(cutoff_slope)(d, cutoff) * by_gauss;
+        for (int x = 0; x < 3; ++x) {
+            REAL v = d_d / d * r[x];
+            d_coord[j * 3 + x] += v;
+            d_coord[i * 3 + x] -= v;
+        }
+    }
+}
+
+/* the factors of one triplet's terms (see angular_terms) */
+typedef struct {
+    REAL r_ij[3], r_ik[3], d_ij, d_ik, cos_raw, cos, sin, fc_ij, fc_ik;
+    REAL base[8], ang[8], shifted[4], rad[4];
+} KERNEL(angular_parts);
+
+static inline void KERNEL(angular_factors)(const REAL *coord, const int64_t *triplets,
+                                           int64_t n, int64_t t, const REAL *sectors,
+                                           const REAL *shifts, REAL eta, REAL cutoff,
+                                           REAL cos_clamp, KERNEL(angular_parts) *q)
+{
+    int64_t i = triplets[t];
+    KERNEL(bond)(coord, i, triplets[n + t], q->r_ij);
+    KERNEL(bond)(coord, i, triplets[2 * n + t], q->r_ik);
+    const REAL *a = q->r_ij, *b = q->r_ik;
+    q->d_ij = MATH(sqrt)(a[0] * a[0] + a[1] * a[1] + a[2] * a[2]);
+    q->d_ik = MATH(sqrt)(b[0] * b[0] + b[1] * b[1] + b[2] * b[2]);
+    q->cos_raw = (a[0] * b[0] + a[1] * b[1] + a[2] * b[2]) / (q->d_ij * q->d_ik);
+    q->cos = q->cos_raw < -cos_clamp ? -cos_clamp : (q->cos_raw > cos_clamp ? cos_clamp : q->cos_raw);
+    q->sin = MATH(sqrt)(1 - q->cos * q->cos);
+    q->fc_ij = KERNEL(cutoff)(q->d_ij, cutoff);
+    q->fc_ik = KERNEL(cutoff)(q->d_ik, cutoff);
+    for (int z = 0; z < 8; ++z) {
+        REAL base = 1 + sectors[2 * z] * q->cos + sectors[2 * z + 1] * q->sin;
+        REAL b2 = base * base, b4 = b2 * b2;
+        q->base[z] = base;
+        q->ang[z] = b4 * b4;
+    }
+    REAL mean = (REAL)0.5 * (q->d_ij + q->d_ik);
+    for (int s = 0; s < 4; ++s) {
+        q->shifted[s] = mean - shifts[s];
+        q->rad[s] = MATH(exp)(-eta * (q->shifted[s] * q->shifted[s]));
+    }
+}
+
+/* g (T, 32) for the triplets (i, j, k) = (triplets[t], triplets[T + t], triplets[2T + t]);
+ * sectors (8, 2): cos and sin of theta_z; scale = 2^(1 - zeta), zeta = 8 */
+void KERNEL(angular_terms)(const REAL *coord, const int64_t *triplets, int64_t n,
+                           const REAL *sectors, const REAL *shifts, REAL eta, REAL cutoff,
+                           REAL cos_clamp, REAL scale, REAL *g)
+{
+    for (int64_t t = 0; t < n; ++t) {
+        KERNEL(angular_parts) q;
+        KERNEL(angular_factors)(coord, triplets, n, t, sectors, shifts, eta, cutoff, cos_clamp, &q);
+        REAL fc = scale * q.fc_ij * q.fc_ik;
+        for (int z = 0; z < 8; ++z)
+            for (int s = 0; s < 4; ++s) g[t * 32 + z * 4 + s] = fc * q.ang[z] * q.rad[s];
+    }
+}
+
+/* d_coord (N, 3) += the coordinate gradient of sum(d_g * g); d_g (T, 32) with strides (st, sc) */
+void KERNEL(angular_terms_backward)(const REAL *coord, const int64_t *triplets, int64_t n,
+                                    const REAL *sectors, const REAL *shifts, REAL eta,
+                                    REAL cutoff, REAL cos_clamp, REAL scale, const REAL *d_g,
+                                    int64_t st, int64_t sc, REAL *d_coord)
+{
+    for (int64_t t = 0; t < n; ++t) {
+        KERNEL(angular_parts) q;
+        KERNEL(angular_factors)(coord, triplets, n, t, sectors, shifts, eta, cutoff, cos_clamp, &q);
+        REAL by_sector[8], by_shell[4] = {0, 0, 0, 0};  /* sum_a dG rad, sum_z dG ang */
+        for (int z = 0; z < 8; ++z) {
+            by_sector[z] = 0;
+            for (int s = 0; s < 4; ++s) {
+                REAL dg = d_g[t * st + (z * 4 + s) * sc];
+                by_sector[z] += dg * q.rad[s];
+                by_shell[s] += dg * q.ang[z];
+            }
+        }
+        REAL fc = scale * q.fc_ij * q.fc_ik;
+        REAL d_fc = 0, d_cos_c = 0, d_cos_s = 0, d_mean = 0;
+        for (int z = 0; z < 8; ++z) {
+            REAL b = q.base[z], b2 = b * b;
+            REAL d_base = 8 * fc * by_sector[z] * (b2 * b2 * b2 * b);   /* d (b^8) = 8 b^7 */
+            d_fc += by_sector[z] * q.ang[z];
+            d_cos_c += d_base * sectors[2 * z];
+            d_cos_s += d_base * sectors[2 * z + 1];
+        }
+        d_fc *= scale;                                   /* d of fc(d_ij) fc(d_ik) */
+        /* d/d cos of cos cos_z + sqrt(1 - cos^2) sin_z is cos_z - (cos / sin) sin_z */
+        REAL d_cos = MATH(fabs)(q.cos_raw) <= cos_clamp ? d_cos_c - d_cos_s * q.cos / q.sin : 0;
+        for (int s = 0; s < 4; ++s) d_mean += by_shell[s] * q.rad[s] * q.shifted[s];
+        d_mean *= (-2 * eta) * fc;
+        REAL d_dot = d_cos / (q.d_ij * q.d_ik);
+        REAL dd_ij = (REAL)0.5 * d_mean + d_fc * KERNEL(cutoff_slope)(q.d_ij, cutoff) * q.fc_ik
+                     - d_cos * q.cos_raw / q.d_ij;
+        REAL dd_ik = (REAL)0.5 * d_mean + d_fc * q.fc_ij * KERNEL(cutoff_slope)(q.d_ik, cutoff)
+                     - d_cos * q.cos_raw / q.d_ik;
+        int64_t i = triplets[t], j = triplets[n + t], k = triplets[2 * n + t];
+        for (int x = 0; x < 3; ++x) {
+            REAL v_ij = d_dot * q.r_ik[x] + dd_ij / q.d_ij * q.r_ij[x];
+            REAL v_ik = d_dot * q.r_ij[x] + dd_ik / q.d_ik * q.r_ik[x];
+            d_coord[j * 3 + x] += v_ij;
+            d_coord[k * 3 + x] += v_ik;
+            d_coord[i * 3 + x] -= v_ij + v_ik;
         }
     }
 }

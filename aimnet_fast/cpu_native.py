@@ -35,6 +35,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_native.c")
 #: No -ffast-math: the C sums in a fixed order and keeps IEEE semantics (FMA contraction allowed).
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
+LIBS = ("-lm",)
 #: Features per row the kernels handle (one vector), and the channel group they step by.
 WIDTH = 16
 
@@ -44,6 +45,10 @@ _empty = torch.empty
 _FUNCTIONS = {
     "centre_sum": ("p", "i", "p", "p", "p", "i", "i", "p"),
     "centre_sum_backward": ("p", "i", "p", "p", "p", "i", "i", "p", "i", "p", "i", "i", "p"),
+    "radial_terms": ("p", "p", "i", "p", "r", "r", "r", "p"),
+    "radial_terms_backward": ("p", "p", "i", "p", "r", "r", "r", "p", "i", "i", "p"),
+    "angular_terms": ("p", "p", "i", "p", "p", "r", "r", "r", "r", "p"),
+    "angular_terms_backward": ("p", "p", "i", "p", "p", "r", "r", "r", "r", "p", "i", "i", "p"),
 }
 _FLOAT_ONLY = {"elu_f32": ("p", "i", "f")}
 _SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
@@ -75,7 +80,7 @@ def _compiler() -> list[str] | None:
 def _build(cc: list[str]) -> Path:
     """The library's path, compiled into the cache unless already there."""
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cc), version, " ".join(FLAGS),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cc), version, " ".join(FLAGS + LIBS),
                                     platform.machine(), _cpu_identity()]).encode()).hexdigest()[:20]
     cache = _cache_dir()
     try:
@@ -91,7 +96,7 @@ def _build(cc: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cc)} failed on {SOURCE}:\n{done.stderr[-2000:]}")
@@ -113,11 +118,14 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(_build(cc)))
         kinds = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float}
-        functions = {name + suffix: args for name, args in _FUNCTIONS.items()
-                     for suffix in _SUFFIX.values()}
-        for name, args in {**functions, **_FLOAT_ONLY}.items():
+        # "r": a real number of the function's own precision
+        functions = {name + suffix: [kinds.get(a) or real for a in args]
+                     for name, args in _FUNCTIONS.items()
+                     for suffix, real in (("_f32", ctypes.c_float), ("_f64", ctypes.c_double))}
+        functions.update({name: [kinds[a] for a in args] for name, args in _FLOAT_ONLY.items()})
+        for name, argtypes in functions.items():
             fn = getattr(lib, name)
-            fn.argtypes = [kinds[a] for a in args]
+            fn.argtypes = argtypes
             fn.restype = None
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
         warnings.warn(f"aimnet_fast: the cpu backend's native kernels are not available ({err}); "
@@ -170,6 +178,53 @@ def centre_sum_backward(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tens
     _call("centre_sum_backward" + _SUFFIX[terms.dtype], terms, C, feat, ptr, feat_index, 0, n_atoms,
           grad_out, grad_out.stride(0), d_terms, st, sc, d_feat)  # None: NULL, not computed
     return d_terms, d_feat
+
+
+def radial_terms(coord: torch.Tensor, pairs: torch.Tensor, shifts: torch.Tensor, eta: float,
+                 cutoff: float, exp_floor: float) -> torch.Tensor:
+    """g (P, 16) of the pairs (2, P) at coord (N, 3) Å: exp(−η (d − shift)², floored at
+    ``exp_floor``) · fc(d), the terms of ``cpu_aev.RadialTerms`` (``shifts`` (16,) Å, η 1/Å²,
+    cutoff Å)."""
+    coord, pairs = coord.contiguous(), pairs.contiguous()
+    g = _empty(pairs.shape[1], shifts.numel(), dtype=coord.dtype)
+    _call("radial_terms" + _SUFFIX[coord.dtype], coord, pairs, pairs.shape[1], shifts, eta, cutoff,
+          exp_floor, g)
+    return g
+
+
+def radial_terms_backward(coord: torch.Tensor, pairs: torch.Tensor, shifts: torch.Tensor,
+                          eta: float, cutoff: float, exp_floor: float,
+                          d_g: torch.Tensor) -> torch.Tensor:
+    """d coord (N, 3) from d g (P, 16) of ``radial_terms`` (any strides)."""
+    coord, pairs = coord.contiguous(), pairs.contiguous()
+    d_coord = torch.zeros_like(coord)
+    _call("radial_terms_backward" + _SUFFIX[coord.dtype], coord, pairs, pairs.shape[1], shifts, eta,
+          cutoff, exp_floor, d_g, *d_g.stride(), d_coord)
+    return d_coord
+
+
+def angular_terms(coord: torch.Tensor, triplets: torch.Tensor, sectors: torch.Tensor,
+                  shifts: torch.Tensor, eta: float, cutoff: float, cos_clamp: float,
+                  scale: float) -> torch.Tensor:
+    """g (T, 32) of the triplets (3, T) at coord (N, 3) Å, the terms of
+    ``cpu_aev.AngularTerms``: ``sectors`` (8, 2) cos and sin of θ_z, ``shifts`` (4,) Å, η 1/Å²,
+    cutoff Å, cos θ clamped to ±``cos_clamp``, ``scale`` 2^(1−ζ) with ζ = 8."""
+    coord, triplets = coord.contiguous(), triplets.contiguous()
+    g = _empty(triplets.shape[1], sectors.shape[0] * shifts.numel(), dtype=coord.dtype)
+    _call("angular_terms" + _SUFFIX[coord.dtype], coord, triplets, triplets.shape[1], sectors,
+          shifts, eta, cutoff, cos_clamp, scale, g)
+    return g
+
+
+def angular_terms_backward(coord: torch.Tensor, triplets: torch.Tensor, sectors: torch.Tensor,
+                           shifts: torch.Tensor, eta: float, cutoff: float, cos_clamp: float,
+                           scale: float, d_g: torch.Tensor) -> torch.Tensor:
+    """d coord (N, 3) from d g (T, 32) of ``angular_terms`` (any strides)."""
+    coord, triplets = coord.contiguous(), triplets.contiguous()
+    d_coord = torch.zeros_like(coord)
+    _call("angular_terms_backward" + _SUFFIX[coord.dtype], coord, triplets, triplets.shape[1],
+          sectors, shifts, eta, cutoff, cos_clamp, scale, d_g, *d_g.stride(), d_coord)
+    return d_coord
 
 
 def elu_(x: torch.Tensor, alpha: float) -> torch.Tensor:

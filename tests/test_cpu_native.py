@@ -190,6 +190,53 @@ def test_a_double_backward_inside_first_order_is_refused():
             torch.autograd.grad(out.sum(), c, create_graph=True)
 
 
+# -- the AEV terms -------------------------------------------------------------------------------
+def _as_molecules(r_ij, r_ik):
+    """Each pair of bond vectors as one triplet (i, j, k) of its own three atoms, centre at 0."""
+    n = r_ij.shape[0]
+    coord = torch.stack([torch.zeros_like(r_ij), r_ij, r_ik], 1).reshape(3 * n, 3)
+    base = 3 * torch.arange(n)
+    return coord, torch.stack([base, base + 1, base + 2])
+
+
+@needs_compiler
+def test_native_angular_terms_at_the_clamp_and_the_cutoff_against_finite_differences():
+    """θ near 0 and π on both sides of the clamp, distances near and beyond the angular cutoff:
+    the native terms equal the reference's arccos form, their coordinate gradient finite
+    differences (gradcheck, float64)."""
+    from test_cpu_backend import _triplet_inputs
+    coord, triplets = _as_molecules(*_triplet_inputs())
+    r_i = coord[triplets[0]]
+    want = aev.angular_terms(coord[triplets[1]] - r_i, coord[triplets[2]] - r_i)
+    got = cpu_aev.NativeAngularTerms.apply(coord, triplets)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    c = coord.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: cpu_aev.NativeAngularTerms.apply(x, triplets), (c,))
+
+
+@needs_compiler
+def test_native_radial_terms_beyond_the_cutoff_and_in_float32():
+    """Distances from 0.6 Å to beyond the radial cutoff (4.6 Å); in float32 the Gaussians that
+    underflow still as the torch code's (floored at e·tiny); gradients against finite differences."""
+    g = torch.Generator().manual_seed(13)
+    d = torch.cat([torch.tensor([0.6, 1.0, 4.5, 4.599, 4.7], dtype=torch.float64),
+                   0.6 + 4.0 * torch.rand(10, generator=g, dtype=torch.float64)])
+    u = torch.nn.functional.normalize(torch.randn(d.numel(), 3, generator=g, dtype=torch.float64))
+    coord = torch.cat([torch.zeros(1, 3, dtype=torch.float64), d[:, None] * u])
+    pairs = torch.stack([torch.zeros(d.numel(), dtype=torch.long), torch.arange(1, d.numel() + 1)])
+    got = cpu_aev.NativeRadialTerms.apply(coord, pairs)
+    torch.testing.assert_close(got, aev.radial_terms(d), rtol=1e-12, atol=1e-14)
+    c = coord.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: cpu_aev.NativeRadialTerms.apply(x, pairs), (c,))
+    want = aev.radial_terms(d)
+    got32 = cpu_aev.NativeRadialTerms.apply(coord.float(), pairs).double()
+    torch_code32 = cpu_aev.RadialTerms.apply((coord[1:] - coord[0]).float()).double()
+    err, err_torch_code = (got32 - want).abs().max(), (torch_code32 - want).abs().max()
+    assert err <= 2 * err_torch_code + 1e-7, (err, err_torch_code)
+    underflow = want < 1e-38
+    assert underflow.sum() > 10 and (got32[underflow] < 1e-37).all()
+
+
 # -- the ELU ------------------------------------------------------------------------------------
 def _elu_arguments():
     dense = torch.linspace(-30.0, 0.0, 1_000_001, dtype=torch.float32)

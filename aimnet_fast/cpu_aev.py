@@ -155,17 +155,14 @@ def csr_plan(centre: torch.Tensor, feat_index: torch.Tensor, n_feat_rows: int,
     """The ``CsrPlan`` of terms with centres ``centre`` (T,) reading rows ``feat_index`` (T,) of a
     (n_feat_rows, F) feature tensor; None where the centres are not sorted (the rows' plan sorts).
     The indices are checked here, once per list, with the terms' other ``atoms`` if given: the C
-    reads memory at them unchecked."""
-    n = centre.numel()
-    if n > 1 and bool((centre[1:] < centre[:-1]).any()):
+    reads memory at them unchecked. Needs the native kernels (``cpu_native.library()``)."""
+    ptr = cpu_native.csr_offsets(centre, n_atoms)
+    if ptr is None:
         return None
-    if n and not (0 <= int(centre[0]) and int(centre[-1]) < n_atoms
-                  and 0 <= int(feat_index.min()) and int(feat_index.max()) < n_feat_rows
-                  and (atoms is None or 0 <= int(atoms.min()) and int(atoms.max()) < n_atoms)):
+    if cpu_native.out_of_range(feat_index, n_feat_rows) \
+            or (atoms is not None and cpu_native.out_of_range(atoms, n_atoms)):
         raise ValueError(f"term indices out of range: centres in [0, {n_atoms}), feature rows in "
                          f"[0, {n_feat_rows})")
-    ptr = centre.new_zeros(n_atoms + 1)
-    torch.cumsum(torch.bincount(centre, minlength=n_atoms), 0, out=ptr[1:])
     return CsrPlan(ptr, feat_index.contiguous(), centre)
 
 

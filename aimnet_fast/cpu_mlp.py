@@ -179,10 +179,8 @@ def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = 
         if isinstance(layer, nn.Linear):
             if _onednn_for(layer, linear) is not None:
                 h = linear(h.contiguous(), layer.weight, layer.bias)
-            elif layer.bias is None:
-                h = h.mm(layer.weight.t())
-            else:
-                h = torch.addmm(layer.bias, h, layer.weight.t())
+            else:  # addmm, one dispatched operation where .t() and addmm were two
+                h = F.linear(h, layer.weight, layer.bias)
         elif isinstance(layer, nn.ELU):
             # The product's output is fresh and nothing else saved it: safe to overwrite. Where
             # no graph records it (no grad, or FirstOrderMLP's forward), the native ELU.

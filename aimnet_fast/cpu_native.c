@@ -67,6 +67,31 @@ static inline float expm1_nonpositive(float x)
     return two_n * expm1_r + (two_n - 1.0f);
 }
 
+/* ptr (n_atoms + 1): where the terms of each atom start, for terms sorted by centre atom.
+ * Returns 0; 1 where the centres are not sorted (ptr unfinished); 2 where one lies outside
+ * [0, n_atoms). */
+int64_t csr_offsets(const int64_t *centre, int64_t n, int64_t n_atoms, int64_t *ptr)
+{
+    int64_t atom = 0;
+    ptr[0] = 0;
+    for (int64_t t = 0; t < n; ++t) {
+        int64_t c = centre[t];
+        if (c < 0 || c >= n_atoms) return 2;
+        if (c < atom) return 1;
+        while (atom < c) ptr[++atom] = t;
+    }
+    while (atom < n_atoms) ptr[++atom] = n;
+    return 0;
+}
+
+/* 1 where any of the n indices lies outside [0, bound), else 0 */
+int64_t out_of_range(const int64_t *index, int64_t n, int64_t bound)
+{
+    int64_t bad = 0;
+    for (int64_t t = 0; t < n; ++t) bad |= index[t] < 0 || index[t] >= bound;
+    return bad;
+}
+
 /* x = ELU(x) in place: x where x >= 0 (and NaN), alpha (e^x - 1) where x < 0 */
 void elu_f32(float *restrict x, int64_t n, float alpha)
 {

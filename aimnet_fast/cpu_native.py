@@ -50,7 +50,8 @@ _FUNCTIONS = {
     "angular_terms": ("p", "p", "i", "p", "p", "r", "r", "r", "r", "p"),
     "angular_terms_backward": ("p", "p", "i", "p", "p", "r", "r", "r", "r", "p", "i", "i", "p"),
 }
-_FLOAT_ONLY = {"elu_f32": ("p", "i", "f")}
+_OTHERS = {"elu_f32": (("p", "i", "f"), None), "csr_offsets": (("p", "i", "i", "p"), "i"),
+           "out_of_range": (("p", "i", "i"), "i")}
 _SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
@@ -119,14 +120,15 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build(cc)))
         kinds = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float}
         # "r": a real number of the function's own precision
-        functions = {name + suffix: [kinds.get(a) or real for a in args]
+        functions = {name + suffix: ([kinds.get(a) or real for a in args], None)
                      for name, args in _FUNCTIONS.items()
                      for suffix, real in (("_f32", ctypes.c_float), ("_f64", ctypes.c_double))}
-        functions.update({name: [kinds[a] for a in args] for name, args in _FLOAT_ONLY.items()})
-        for name, argtypes in functions.items():
+        functions.update({name: ([kinds[a] for a in args], kinds.get(result))
+                          for name, (args, result) in _OTHERS.items()})
+        for name, (argtypes, restype) in functions.items():
             fn = getattr(lib, name)
             fn.argtypes = argtypes
-            fn.restype = None
+            fn.restype = restype
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
         warnings.warn(f"aimnet_fast: the cpu backend's native kernels are not available ({err}); "
                       "using its torch code instead (slower, same results)", RuntimeWarning,
@@ -225,6 +227,24 @@ def angular_terms_backward(coord: torch.Tensor, triplets: torch.Tensor, sectors:
     _call("angular_terms_backward" + _SUFFIX[coord.dtype], coord, triplets, triplets.shape[1],
           sectors, shifts, eta, cutoff, cos_clamp, scale, d_g, *d_g.stride(), d_coord)
     return d_coord
+
+
+def csr_offsets(centre: torch.Tensor, n_atoms: int) -> torch.Tensor | None:
+    """ptr (n_atoms + 1,) int64, where each atom's terms start, for terms with centre atoms
+    ``centre`` (T,) int64; None where the centres are not sorted; ValueError where one lies
+    outside [0, n_atoms)."""
+    centre = centre.contiguous()
+    ptr = _empty(n_atoms + 1, dtype=torch.int64)
+    status = library().csr_offsets(centre.data_ptr(), centre.numel(), n_atoms, ptr.data_ptr())
+    if status == 2:
+        raise ValueError(f"term indices out of range: centres in [0, {n_atoms})")
+    return ptr if status == 0 else None
+
+
+def out_of_range(index: torch.Tensor, bound: int) -> bool:
+    """Whether any int64 index lies outside [0, bound)."""
+    index = index.contiguous()
+    return bool(library().out_of_range(index.data_ptr(), index.numel(), bound))
 
 
 def elu_(x: torch.Tensor, alpha: float) -> torch.Tensor:

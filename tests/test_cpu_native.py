@@ -22,10 +22,11 @@ needs_compiler = pytest.mark.skipif(cpu_native._compiler() is None,
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """The kernels' outputs filled with NaN before they are written."""
+    """The kernels' outputs filled with NaN (integers: −7) before they are written."""
     def empty(*shape, dtype=None):
+        poison = float("nan") if dtype is None or dtype.is_floating_point else -7  # int: no NaN
         return torch.full(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape,
-                          float("nan"), dtype=dtype)
+                          poison, dtype=dtype)
     monkeypatch.setattr(cpu_native, "_empty", empty)
 
 
@@ -153,12 +154,21 @@ def test_lists_not_sorted_by_centre_take_the_rows(native_calls):
     torch.testing.assert_close(d, d_want, rtol=1e-10, atol=1e-10)
 
 
-def test_plan_indices_out_of_range_are_refused():
-    centre = torch.tensor([0, 1, 1])
-    with pytest.raises(ValueError, match="out of range"):
-        cpu_aev.csr_plan(centre, torch.tensor([0, 1, 5]), 5, 2)
-    with pytest.raises(ValueError, match="out of range"):
-        cpu_aev.csr_plan(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]), 5, 2)
+@needs_compiler
+def test_plans_of_sorted_lists_and_indices_out_of_range():
+    centre = torch.tensor([0, 1, 1, 4, 4, 4])             # atoms 2, 3 and 5: no terms
+    plan = cpu_aev.csr_plan(centre, torch.tensor([0, 1, 4, 2, 3, 0]), 5, 6,
+                            atoms=torch.tensor([[1, 2, 3, 4, 5, 0]]))
+    assert plan.ptr.tolist() == [0, 1, 3, 3, 3, 6, 6]
+    assert cpu_aev.csr_plan(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long),
+                            5, 3).ptr.tolist() == [0, 0, 0, 0]
+    for centre, feat_index, atoms in (([0, 1, 1], [0, 1, 5], None), ([0, 1, 2], [0, 1, 1], None),
+                                      ([-1, 0, 1], [0, 1, 1], None), ([0, 1, 1], [0, -1, 1], None),
+                                      ([0, 1, 1], [0, 1, 1], [[0, 2, 1]]),
+                                      ([0, 1, 1], [0, 1, 1], [[0, 1, -3]])):
+        with pytest.raises(ValueError, match="out of range"):
+            cpu_aev.csr_plan(torch.tensor(centre), torch.tensor(feat_index), 5, 2,
+                             atoms=None if atoms is None else torch.tensor(atoms))
     assert cpu_aev.csr_plan(torch.tensor([1, 0]), torch.tensor([0, 0]), 1, 2) is None  # unsorted
 
 

@@ -30,7 +30,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Iterator
+import weakref
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -90,20 +91,56 @@ def in_first_order() -> bool:
     return _FIRST_ORDER.get()
 
 
+class Step(NamedTuple):
+    """One Linear of an MLP (its parameters as they are now) and the ELU after it, if any."""
+    linear: nn.Linear
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    elu: nn.ELU | None
+
+
+#: An MLP's steps, per ``nn.Sequential``: working them out again at every call (module types,
+#: parameters through ``nn.Module.__getattr__``) cost ~100 µs of a 21-row MLP's ~250 µs.
+_STEPS: "weakref.WeakKeyDictionary[nn.Sequential, tuple[tuple, tuple[Step, ...] | None]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def mlp_steps(layers: nn.Sequential) -> tuple[Step, ...] | None:
+    """The layers as Linear steps, each with the ELU after it; None where they are anything else
+    (then run as the ``nn.Sequential`` itself). Remembered per Sequential while its modules and
+    their parameters are the same objects."""
+    modules = tuple(layers._modules.values())
+    cached = _STEPS.get(layers)
+    if cached is not None and cached[0] == modules and (cached[1] is None or all(
+            s.linear._parameters["weight"] is s.weight and s.linear._parameters["bias"] is s.bias
+            for s in cached[1])):
+        return cached[1]
+    out: list[Step] | None = []
+    for m in modules:
+        if type(m) is nn.Linear:
+            out.append(Step(m, m.weight, m.bias, None))
+        elif type(m) is nn.ELU and out and out[-1].elu is None:
+            out[-1] = out[-1]._replace(elu=m)
+        else:
+            out = None
+            break
+    _STEPS[layers] = (modules, None if out is None else tuple(out))
+    return _STEPS[layers][1]
+
+
 class FirstOrderMLP(torch.autograd.Function):
-    """The MLP ``layers`` on x with frozen weights; backward gives the input's gradient only.
+    """The MLP ``steps`` on x with frozen weights; backward gives the input's gradient only.
 
     A float32 input goes through the layers block by block (``_blocks``), the large layers'
     products by oneDNN (``_onednn_linear``); the rows left over, and every other input, by
     ``addmm``. Rows are independent in an MLP, so blocks change only the order of summation."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
-        modules = list(layers._modules.values())
+    def forward(ctx, x: torch.Tensor, steps: tuple[Step, ...]) -> torch.Tensor:
         kept: list[torch.Tensor] = []
-        ctx.blocks, h = _in_blocks(x, modules, kept)
+        ctx.blocks, h = _in_blocks(x, steps, kept)
         ctx.save_for_backward(*kept)
-        ctx.modules = modules
+        ctx.steps = steps
         return h
 
     @staticmethod
@@ -117,37 +154,40 @@ class FirstOrderMLP(torch.autograd.Function):
         transposed = {}  # oneDNN takes the weight as (in, out) for dX = dY @ W
         outs = []
         for k, (a, b, linear) in enumerate(ctx.blocks):
-            g = grad[a:b]
+            g = grad if len(ctx.blocks) == 1 else grad[a:b]
             own = False  # whether g is a tensor this backward made (then safe to overwrite)
             elu_outputs = kept[k * n_elu:(k + 1) * n_elu]
-            for layer in reversed(ctx.modules):
-                if isinstance(layer, nn.Linear):
-                    if _onednn_for(layer, linear) is None:
-                        g = g.mm(layer.weight)
-                    else:
-                        if layer not in transposed:
-                            transposed[layer] = layer.weight.t().contiguous()
-                        g = linear(g.contiguous(), transposed[layer], None)
-                    own = True
-                else:
+            for step in reversed(ctx.steps):
+                if step.elu is not None:
                     out = elu_outputs.pop()
                     if own:
-                        torch.ops.aten.elu_backward.grad_input(g, layer.alpha, 1, 1, True, out,
+                        torch.ops.aten.elu_backward.grad_input(g, step.elu.alpha, 1, 1, True, out,
                                                               grad_input=g)
                     else:
-                        g = torch.ops.aten.elu_backward(g, layer.alpha, 1, 1, True, out)
+                        g = torch.ops.aten.elu_backward(g, step.elu.alpha, 1, 1, True, out)
+                if linear is None or step.weight.numel() < ONEDNN_MIN_WEIGHTS:
+                    g = g.mm(step.weight)
+                else:
+                    if step not in transposed:
+                        transposed[step] = step.weight.t().contiguous()
+                    g = linear(g.contiguous(), transposed[step], None)
+                own = True
             outs.append(g)
         return (outs[0] if len(outs) == 1 else torch.cat(outs)), None
 
 
-def _in_blocks(x: torch.Tensor, modules, kept: list[torch.Tensor] | None = None):
-    """The layers on x block by block (see ``FirstOrderMLP``); ``kept`` collects the ELU outputs,
+def _in_blocks(x: torch.Tensor, steps: tuple[Step, ...], kept: list[torch.Tensor] | None = None):
+    """The steps on x block by block (see ``FirstOrderMLP``); ``kept`` collects the ELU outputs,
     block after block. Returns the blocks (``_blocks``) and the output."""
-    linear = (_onednn_linear() if x.dtype == torch.float32 and x.device.type == "cpu"
-              and torch.backends.mkldnn.enabled else None)  # the user may switch oneDNN off
-    blocks = _blocks(x.shape[0], linear)
-    outs = [_layer_by_layer(x[a:b], modules, kept, block_linear) for a, b, block_linear in blocks]
-    return blocks, outs[0] if len(outs) == 1 else torch.cat(outs)
+    n = x.shape[0]
+    linear = (_onednn_linear() if n >= min(BLOCK_ROWS, *SMALL_BLOCKS) and x.dtype == torch.float32
+              and x.device.type == "cpu" and torch.backends.mkldnn.enabled  # the user may switch
+              else None)                                                     # oneDNN off
+    blocks = _blocks(n, linear)
+    if len(blocks) == 1:
+        return blocks, _layer_by_layer(x, steps, kept, blocks[0][2])
+    outs = [_layer_by_layer(x[a:b], steps, kept, block_linear) for a, b, block_linear in blocks]
+    return blocks, torch.cat(outs)
 
 
 def _blocks(n: int, linear) -> list[tuple[int, int, object]]:
@@ -166,42 +206,36 @@ def _blocks(n: int, linear) -> list[tuple[int, int, object]]:
     return out
 
 
-def _onednn_for(layer: nn.Linear, linear):
-    """``linear`` for a layer with at least ``ONEDNN_MIN_WEIGHTS`` weights, else None (``addmm``)."""
-    return linear if layer.weight.numel() >= ONEDNN_MIN_WEIGHTS else None
-
-
-def _layer_by_layer(h: torch.Tensor, modules, kept: list[torch.Tensor] | None = None,
+def _layer_by_layer(h: torch.Tensor, steps: tuple[Step, ...], kept: list[torch.Tensor] | None = None,
                     linear=None) -> torch.Tensor:
-    """The layers on h, each ELU in place on its product; ``kept`` collects the ELU outputs;
-    ``linear`` (``_onednn_linear()``) makes the products, if given, else ``addmm``."""
-    for layer in modules:
-        if isinstance(layer, nn.Linear):
-            if _onednn_for(layer, linear) is not None:
-                h = linear(h.contiguous(), layer.weight, layer.bias)
-            else:  # addmm, one dispatched operation where .t() and addmm were two
-                h = F.linear(h, layer.weight, layer.bias)
-        elif isinstance(layer, nn.ELU):
+    """The steps on h, each ELU in place on its product; ``kept`` collects the ELU outputs;
+    ``linear`` (``_onednn_linear()``), if given, makes the products of layers with at least
+    ``ONEDNN_MIN_WEIGHTS`` weights, ``addmm`` the others."""
+    for step in steps:
+        if linear is not None and step.weight.numel() >= ONEDNN_MIN_WEIGHTS:
+            h = linear(h.contiguous(), step.weight, step.bias)
+        else:  # addmm, one dispatched operation where .t() and addmm were two
+            h = F.linear(h, step.weight, step.bias)
+        if step.elu is not None:
             # The product's output is fresh and nothing else saved it: safe to overwrite. Where
             # no graph records it (no grad, or FirstOrderMLP's forward), the native ELU.
-            h = F.elu(h, layer.alpha, inplace=True) if torch.is_grad_enabled() \
-                else cpu_native.elu_(h, layer.alpha)
+            h = F.elu(h, step.elu.alpha, inplace=True) if torch.is_grad_enabled() \
+                else cpu_native.elu_(h, step.elu.alpha)
             if kept is not None:
                 kept.append(h)
-        else:  # pragma: no cover - the model builds Linear and ELU only
-            h = layer(h)
     return h
 
 
 def _run(h: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
-    modules = layers._modules.values()
-    linear_elu = all(isinstance(m, (nn.Linear, nn.ELU)) for m in modules)
-    if not torch.is_grad_enabled() and linear_elu:  # e.g. energies alone: no graph to keep
-        return _in_blocks(h, modules)[1]
-    if (_FIRST_ORDER.get() and h.requires_grad and linear_elu
-            and not any(p.requires_grad for p in layers.parameters())):
-        return FirstOrderMLP.apply(h, layers)
-    return _layer_by_layer(h, modules)
+    mlp = mlp_steps(layers)
+    if mlp is None:
+        return layers(h)
+    if not torch.is_grad_enabled():  # e.g. energies alone: no graph to keep
+        return _in_blocks(h, mlp)[1]
+    if h.requires_grad and _FIRST_ORDER.get() and not any(
+            s.weight.requires_grad or (s.bias is not None and s.bias.requires_grad) for s in mlp):
+        return FirstOrderMLP.apply(h, mlp)
+    return _layer_by_layer(h, mlp)
 
 
 def elu_mlp(x: torch.Tensor, layers: nn.Sequential, precision: str = "ieee") -> torch.Tensor:

@@ -145,8 +145,16 @@ def supports(terms: torch.Tensor, feat: torch.Tensor) -> bool:
             and feat.shape[1] == WIDTH and library() is not None)
 
 
+@functools.cache
+def _function(name: str):
+    """``library()``'s function ``name`` (looked up once; tests that rebuild the library clear
+    this cache with ``library``'s)."""
+    return getattr(library(), name)
+
+
 def _call(name: str, *args) -> None:
-    getattr(library(), name)(*(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args))
+    # a 21-atom molecule makes ~60 of these calls: the function is looked up once
+    _function(name)(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def centre_sum(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tensor,
@@ -235,7 +243,7 @@ def csr_offsets(centre: torch.Tensor, n_atoms: int) -> torch.Tensor | None:
     outside [0, n_atoms)."""
     centre = centre.contiguous()
     ptr = _empty(n_atoms + 1, dtype=torch.int64)
-    status = library().csr_offsets(centre.data_ptr(), centre.numel(), n_atoms, ptr.data_ptr())
+    status = _function("csr_offsets")(centre.data_ptr(), centre.numel(), n_atoms, ptr.data_ptr())
     if status == 2:
         raise ValueError(f"term indices out of range: centres in [0, {n_atoms})")
     return ptr if status == 0 else None
@@ -244,7 +252,7 @@ def csr_offsets(centre: torch.Tensor, n_atoms: int) -> torch.Tensor | None:
 def out_of_range(index: torch.Tensor, bound: int) -> bool:
     """Whether any int64 index lies outside [0, bound)."""
     index = index.contiguous()
-    return bool(library().out_of_range(index.data_ptr(), index.numel(), bound))
+    return bool(_function("out_of_range")(index.data_ptr(), index.numel(), bound))
 
 
 def elu_(x: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -253,5 +261,5 @@ def elu_(x: torch.Tensor, alpha: float) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() \
             or library() is None:
         return torch.nn.functional.elu(x, alpha, inplace=True)
-    library().elu_f32(x.data_ptr(), x.numel(), alpha)
+    _function("elu_f32")(x.data_ptr(), x.numel(), alpha)
     return x

@@ -294,8 +294,10 @@ def fresh_library(monkeypatch, tmp_path):
     """library() built afresh into an empty cache, and forgotten again after the test."""
     monkeypatch.setenv("AIMNET_FAST_CACHE", str(tmp_path))
     cpu_native.library.cache_clear()
+    cpu_native._function.cache_clear()
     yield tmp_path
     cpu_native.library.cache_clear()
+    cpu_native._function.cache_clear()
 
 
 def test_switched_off_or_without_a_compiler_the_backend_is_the_torch_code(fresh_library,

@@ -506,3 +506,24 @@ def test_predict_forces_equal_the_reference_inside_first_order(released_models, 
         out[backend] = predict_arrays([model], b, forces=True)
     for key in ("energy_Ha", "forces_Ha_per_A", "charges_e"):
         np.testing.assert_allclose(out["cpu"][key], out["torch"][key], rtol=0, atol=1e-10)
+
+
+def test_mlp_steps_follow_changes_of_the_sequential():
+    """The steps remembered per Sequential are worked out again when a layer or a parameter is
+    replaced; layers other than Linear and ELU run as the Sequential itself."""
+    from torch import nn
+    from aimnet_fast import cpu_mlp
+    from aimnet_fast.model import build_elu_mlp
+    torch.manual_seed(5)
+    net = build_elu_mlp([4, 8, 3], last_activation=True).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    for change in (None, "weight", "layer", "other"):
+        if change == "weight":
+            net[0].weight = nn.Parameter(torch.randn(8, 4, dtype=torch.float64))
+        elif change == "layer":
+            net[2] = nn.Linear(8, 3).double()
+        elif change == "other":
+            net[1] = nn.Tanh()
+            assert cpu_mlp.mlp_steps(net) is None
+        with torch.no_grad():
+            torch.testing.assert_close(cpu_mlp.elu_mlp(x, net), net(x), rtol=1e-14, atol=1e-14)

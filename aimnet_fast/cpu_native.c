@@ -84,6 +84,78 @@ int64_t csr_offsets(const int64_t *centre, int64_t n, int64_t n_atoms, int64_t *
     return 0;
 }
 
+/* -- neighbor lists (index tensors only) ------------------------------------------------------
+ * As aimnet_fast/neighbors.py: the triplets (i; j < k) of pairs (i, j) sorted by i then j, in the
+ * order (i, j, k); the unique (j, k) of the triplets sorted by j then k, and each triplet's index
+ * into them. */
+
+/* the number of triplets of the pairs (2, n) */
+int64_t triplet_count(const int64_t *pairs, int64_t n)
+{
+    int64_t total = 0;
+    for (int64_t s = 0, e; s < n; s = e) {
+        for (e = s + 1; e < n && pairs[e] == pairs[s]; ++e) {}
+        total += (e - s) * (e - s - 1) / 2;
+    }
+    return total;
+}
+
+/* triplets (3, T), T = triplet_count(pairs, n) */
+void triplets_from_pairs(const int64_t *pairs, int64_t n, int64_t *triplets, int64_t n_triplets)
+{
+    const int64_t *j = pairs + n;
+    int64_t t = 0;
+    for (int64_t s = 0, e; s < n; s = e) {
+        for (e = s + 1; e < n && pairs[e] == pairs[s]; ++e) {}
+        for (int64_t a = s; a < e; ++a)
+            for (int64_t b = a + 1; b < e; ++b, ++t) {
+                triplets[t] = pairs[s];
+                triplets[n_triplets + t] = j[a];
+                triplets[2 * n_triplets + t] = j[b];
+            }
+    }
+}
+
+/* The unique (j, k) of the triplets (3, n) of n_atoms atoms: written to out (2, n) as its first
+ * Q columns (row stride n), Q returned; triplet_pair (n,) each triplet's column. work: 2 n_atoms
+ * + 1 + n int64. The triplets are bucketed by j; in each bucket its distinct k are sorted (few:
+ * the atoms within the angular cutoff of j's neighbors). */
+int64_t unique_pairs(const int64_t *triplets, int64_t n, int64_t n_atoms, int64_t *work,
+                     int64_t *out, int64_t *triplet_pair)
+{
+    const int64_t *tj = triplets + n, *tk = triplets + 2 * n;
+    int64_t *start = work, *order = work + n_atoms + 1, *mark = order + n;
+    memset(start, 0, sizeof(int64_t) * (n_atoms + 1));
+    for (int64_t t = 0; t < n; ++t) start[tj[t] + 1]++;
+    for (int64_t a = 0; a < n_atoms; ++a) start[a + 1] += start[a];
+    memcpy(mark, start, sizeof(int64_t) * n_atoms);          /* the next free slot of each bucket */
+    for (int64_t t = 0; t < n; ++t) order[mark[tj[t]]++] = t;
+    for (int64_t a = 0; a < n_atoms; ++a) mark[a] = -1;      /* k's column, once seen */
+    int64_t *out_j = out, *out_k = out + n, q = 0;
+    for (int64_t j = 0; j < n_atoms; ++j) {
+        int64_t first = q;
+        for (int64_t b = start[j]; b < start[j + 1]; ++b) {
+            int64_t k = tk[order[b]];
+            if (mark[k] < first) {                           /* not yet seen in this bucket */
+                mark[k] = q;
+                out_k[q++] = k;
+            }
+        }
+        for (int64_t x = first + 1; x < q; ++x)              /* insertion sort of the k */
+            for (int64_t y = x; y > first && out_k[y - 1] > out_k[y]; --y) {
+                int64_t tmp = out_k[y - 1];
+                out_k[y - 1] = out_k[y];
+                out_k[y] = tmp;
+            }
+        for (int64_t x = first; x < q; ++x) {
+            out_j[x] = j;
+            mark[out_k[x]] = x;
+        }
+        for (int64_t b = start[j]; b < start[j + 1]; ++b) triplet_pair[order[b]] = mark[tk[order[b]]];
+    }
+    return q;
+}
+
 /* 1 where any of the n indices lies outside [0, bound), else 0 */
 int64_t out_of_range(const int64_t *index, int64_t n, int64_t bound)
 {

@@ -51,7 +51,9 @@ _FUNCTIONS = {
     "angular_terms_backward": ("p", "p", "i", "p", "p", "r", "r", "r", "r", "p", "i", "i", "p"),
 }
 _OTHERS = {"elu_f32": (("p", "i", "f"), None), "csr_offsets": (("p", "i", "i", "p"), "i"),
-           "out_of_range": (("p", "i", "i"), "i")}
+           "out_of_range": (("p", "i", "i"), "i"), "triplet_count": (("p", "i"), "i"),
+           "triplets_from_pairs": (("p", "i", "p", "i"), None),
+           "unique_pairs": (("p", "i", "i", "p", "p", "p"), "i")}
 _SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
@@ -253,6 +255,24 @@ def out_of_range(index: torch.Tensor, bound: int) -> bool:
     """Whether any int64 index lies outside [0, bound)."""
     index = index.contiguous()
     return bool(_function("out_of_range")(index.data_ptr(), index.numel(), bound))
+
+
+def triplets_and_pairs(angular: torch.Tensor, n_atoms: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From pairs (2, P_a) int64 sorted by i then j (indices below n_atoms): ``triplets`` (3, T)
+    (i; j < k) in the order (i, j, k), the unique (j, k) ``pairs`` (2, Q) sorted by j then k, and
+    ``triplet_pair`` (T,): ``neighbors.triplets_from_pairs`` and ``neighbors.unique_pairs``."""
+    angular = angular.contiguous()
+    n_pairs = angular.shape[1]
+    n = _function("triplet_count")(angular.data_ptr(), n_pairs)
+    triplets = _empty(3, n, dtype=torch.int64)
+    _function("triplets_from_pairs")(angular.data_ptr(), n_pairs, triplets.data_ptr(), n)
+    work = _empty(2 * n_atoms + 1 + n, dtype=torch.int64)
+    out = _empty(2, n, dtype=torch.int64)
+    triplet_pair = _empty(n, dtype=torch.int64)
+    q = _function("unique_pairs")(triplets.data_ptr(), n, n_atoms, work.data_ptr(), out.data_ptr(),
+                                  triplet_pair.data_ptr())
+    return triplets, out[:, :q].contiguous(), triplet_pair
 
 
 def elu_(x: torch.Tensor, alpha: float) -> torch.Tensor:

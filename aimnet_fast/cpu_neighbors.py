@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_native
 from . import neighbors as reference
 from .constants import ANGULAR_CUTOFF_A, RADIAL_CUTOFF_A
 
@@ -62,6 +63,12 @@ def radial_pairs(coord: torch.Tensor, mol_idx: torch.Tensor, cutoff_A: float) ->
 def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor,
                     radial_cutoff_A: float = RADIAL_CUTOFF_A,
                     angular_cutoff_A: float = ANGULAR_CUTOFF_A) -> reference.Neighbors:
-    """``reference.build_neighbors``'s lists, the radial pairs by ``radial_pairs``."""
-    return reference.lists_from_radial(coord, radial_pairs(coord, mol_idx, radial_cutoff_A),
-                                       angular_cutoff_A)
+    """``reference.build_neighbors``'s lists, the radial pairs by ``radial_pairs``; the triplets
+    and their unique pairs by the native kernels where they are available (one pass each instead
+    of ~40 dispatched operations, ``cpu_native.triplets_and_pairs``)."""
+    radial = radial_pairs(coord, mol_idx, radial_cutoff_A)
+    if coord.device.type != "cpu" or cpu_native.library() is None:
+        return reference.lists_from_radial(coord, radial, angular_cutoff_A)
+    angular = reference.angular_subset(coord, radial, angular_cutoff_A)
+    triplets, pairs, triplet_pair = cpu_native.triplets_and_pairs(angular, coord.shape[0])
+    return reference.Neighbors(radial, angular, triplets, pairs, triplet_pair)

@@ -361,3 +361,21 @@ def test_predict_path_with_and_without_the_kernels(released_models, reference_mo
     plain = predict_arrays([model], b, forces=True)
     for key in ("energy_Ha", "forces_Ha_per_A", "charges_e", "volumes_bohr3"):
         np.testing.assert_allclose(native[key], plain[key], rtol=0, atol=1e-10, err_msg=key)
+
+
+@needs_compiler
+@pytest.mark.parametrize("seed", [0, 1])
+def test_native_triplets_and_unique_pairs_equal_the_reference(seed, poisoned):
+    """On the angular pairs of molecules of 1–30 atoms, outputs filled with −7 first."""
+    from aimnet_fast import neighbors as reference
+    coord, nb, _, _ = _inputs(seed)
+    n = coord.shape[0]
+    triplets, pairs, triplet_pair = cpu_native.triplets_and_pairs(nb.angular, n)
+    want_triplets, _ = reference.triplets_from_pairs(nb.angular, n)
+    want_pairs, want_triplet_pair = reference.unique_pairs(want_triplets, n)
+    assert triplets.shape[1] > 100
+    for got, want in ((triplets, want_triplets), (pairs, want_pairs),
+                      (triplet_pair, want_triplet_pair)):
+        assert torch.equal(got, want)
+    empty = cpu_native.triplets_and_pairs(torch.zeros(2, 0, dtype=torch.long), 4)
+    assert [t.shape for t in empty] == [(3, 0), (2, 0), (0,)]

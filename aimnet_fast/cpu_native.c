@@ -17,11 +17,43 @@
  * from call to call. The centre sums and the terms are compiled twice from this one file, for float
  * (_f32) and double (_f64).
  */
+#ifndef AIMNET_FAST_NATIVE_COMMON
+#define AIMNET_FAST_NATIVE_COMMON
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifndef M_PI
 #  define M_PI 3.14159265358979323846
+#endif
+/* Threads: OpenMP where compiled with it. Loaded into a torch process, the library shares torch's
+ * libgomp (same soname, already loaded), so its loops run on torch's threads, as many as
+ * torch.set_num_threads says; threads of a second pool would wait behind torch's spinning ones.
+ * Loops that add into shared rows (d_feat, d_coord) give each thread rows of its own, summed
+ * after, over a static split of the work: the same sums for the same number of threads. */
+#ifdef _OPENMP
+#  include <omp.h>
+#  define MAX_THREADS omp_get_max_threads()
+#  define THREAD_ID omp_get_thread_num()
+#else
+#  define MAX_THREADS 1
+#  define THREAD_ID 0
+#endif
+/* below this many terms (elements for the ELU) a loop runs on the calling thread alone */
+#define PARALLEL_MIN_TERMS 2048
+#define PARALLEL_MIN_ELEMENTS 65536
+
+/* rows (n_rows) of `width` to add into, one set per thread beyond the first (which adds into
+ * `out` itself); NULL (one thread) when small or out of memory */
+static inline void *thread_rows(int64_t work, int64_t n_rows, int64_t width, size_t size,
+                                int *n_threads)
+{
+    *n_threads = work >= PARALLEL_MIN_TERMS ? MAX_THREADS : 1;
+    if (*n_threads <= 1) return NULL;
+    void *rows = calloc((size_t)(*n_threads - 1) * (size_t)(n_rows * width), size);
+    if (!rows) *n_threads = 1;
+    return rows;
+}
 #endif
 
 #ifndef REAL
@@ -167,6 +199,7 @@ int64_t out_of_range(const int64_t *index, int64_t n, int64_t bound)
 /* x = ELU(x) in place: x where x >= 0 (and NaN), alpha (e^x - 1) where x < 0 */
 void elu_f32(float *restrict x, int64_t n, float alpha)
 {
+    #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN_ELEMENTS)
     for (int64_t i = 0; i < n; ++i) {
         float v = x[i];
         float e = alpha * expm1_nonpositive(v < 0.0f ? v : 0.0f);
@@ -184,6 +217,7 @@ typedef REAL KERNEL(vec16) __attribute__((vector_size(16 * sizeof(REAL))));
 void KERNEL(centre_sum)(const REAL *terms, int64_t C, const REAL *feat, const int64_t *ptr,
                         const int64_t *feat_index, int64_t a0, int64_t a1, REAL *out)
 {
+    #pragma omp parallel for schedule(guided) if (ptr[a1] - ptr[a0] >= PARALLEL_MIN_TERMS)
     for (int64_t i = a0; i < a1; ++i) {
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
             VEC acc[16];
@@ -200,19 +234,22 @@ void KERNEL(centre_sum)(const REAL *terms, int64_t C, const REAL *feat, const in
 }
 
 /* d_terms[t, c] = d_out[i, c, :] . feat[feat_index[t], :] for the terms of atoms a0 .. a1-1,
- * stored at d_terms + t * st + c * sc; d_feat (K, 16) += sum over c of terms[t, c] * d_out[i, c, :].
- * d_out's atoms lie d_out_stride apart (a column slice of a wider gradient needs no copy). Either
- * output may be NULL (not needed). */
+ * stored at d_terms + t * st + c * sc; d_feat (n_feat_rows, 16) += sum over c of
+ * terms[t, c] * d_out[i, c, :]. d_out's atoms lie d_out_stride apart (a column slice of a wider
+ * gradient needs no copy). Either output may be NULL (not needed). */
 void KERNEL(centre_sum_backward)(const REAL *terms, int64_t C, const REAL *feat,
-                                 const int64_t *ptr, const int64_t *feat_index, int64_t a0,
-                                 int64_t a1, const REAL *d_out, int64_t d_out_stride,
-                                 REAL *d_terms, int64_t st, int64_t sc, REAL *d_feat)
+                                 int64_t n_feat_rows, const int64_t *ptr,
+                                 const int64_t *feat_index, int64_t a0, int64_t a1,
+                                 const REAL *d_out, int64_t d_out_stride, REAL *d_terms,
+                                 int64_t st, int64_t sc, REAL *d_feat)
 {
-    for (int64_t i = a0; i < a1; ++i) {
-        for (int64_t c0 = 0; c0 < C; c0 += 16) {
-            const REAL *d = d_out + i * d_out_stride + c0 * 16;
-            if (d_terms) {
-                VEC dt[16];  /* d transposed, dt[f][c] = d[c][f]: one term's 16 sums in one vector */
+    int64_t n_terms = ptr[a1] - ptr[a0];
+    if (d_terms) {
+        #pragma omp parallel for schedule(guided) if (n_terms >= PARALLEL_MIN_TERMS)
+        for (int64_t i = a0; i < a1; ++i) {
+            for (int64_t c0 = 0; c0 < C; c0 += 16) {
+                const REAL *d = d_out + i * d_out_stride + c0 * 16;
+                VEC dt[16];  /* d transposed, dt[f][c] = d[c][f]: a term's 16 sums in one vector */
                 for (int f = 0; f < 16; ++f)
                     for (int c = 0; c < 16; ++c) dt[f][c] = d[c * 16 + f];
                 for (int64_t t = ptr[i]; t < ptr[i + 1]; ++t) {
@@ -224,14 +261,25 @@ void KERNEL(centre_sum_backward)(const REAL *terms, int64_t C, const REAL *feat,
                     else for (int c = 0; c < 16; ++c) row[c * sc] = s[c];
                 }
             }
-            if (d_feat) {
+        }
+    }
+    if (!d_feat) return;
+    int n_threads;
+    REAL *extra = thread_rows(n_terms, n_feat_rows, 16, sizeof(REAL), &n_threads);
+    #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+    {
+        int id = THREAD_ID;
+        REAL *mine = id == 0 ? d_feat : extra + (id - 1) * n_feat_rows * 16;
+        #pragma omp for schedule(static)
+        for (int64_t i = a0; i < a1; ++i) {
+            for (int64_t c0 = 0; c0 < C; c0 += 16) {
                 VEC dv[16];
-                memcpy(dv, d, sizeof dv);
+                memcpy(dv, d_out + i * d_out_stride + c0 * 16, sizeof dv);
                 for (int64_t t = ptr[i]; t < ptr[i + 1]; ++t) {
                     const REAL *g = terms + t * C + c0;
                     VEC s = g[0] * dv[0];
                     for (int c = 1; c < 16; ++c) s += g[c] * dv[c];
-                    REAL *row = d_feat + feat_index[t] * 16;
+                    REAL *row = mine + feat_index[t] * 16;
                     VEC q;
                     memcpy(&q, row, sizeof q);
                     q += s;
@@ -239,7 +287,11 @@ void KERNEL(centre_sum_backward)(const REAL *terms, int64_t C, const REAL *feat,
                 }
             }
         }
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < n_feat_rows * 16; ++r)
+            for (int u = 1; u < n_threads; ++u) d_feat[r] += extra[(u - 1) * n_feat_rows * 16 + r];
     }
+    free(extra);
 }
 
 /* -- the AEV terms, from the coordinates ------------------------------------------------------
@@ -276,6 +328,7 @@ static inline void KERNEL(bond)(const REAL *coord, int64_t i, int64_t j, REAL r[
 void KERNEL(radial_terms)(const REAL *coord, const int64_t *pairs, int64_t n_pairs,
                           const REAL *shifts, REAL eta, REAL cutoff, REAL exp_floor, REAL *g)
 {
+    #pragma omp parallel for schedule(static) if (n_pairs >= PARALLEL_MIN_TERMS)
     for (int64_t p = 0; p < n_pairs; ++p) {
         REAL r[3];
         KERNEL(bond)(coord, pairs[p], pairs[n_pairs + p], r);
@@ -289,10 +342,18 @@ void KERNEL(radial_terms)(const REAL *coord, const int64_t *pairs, int64_t n_pai
 }
 
 /* d_coord (N, 3) += the coordinate gradient of sum(d_g * g); d_g (P, 16) with strides (st, sc) */
-void KERNEL(radial_terms_backward)(const REAL *coord, const int64_t *pairs, int64_t n_pairs,
-                                   const REAL *shifts, REAL eta, REAL cutoff, REAL exp_floor,
-                                   const REAL *d_g, int64_t st, int64_t sc, REAL *d_coord)
+void KERNEL(radial_terms_backward)(const REAL *coord, int64_t n_atoms, const int64_t *pairs,
+                                   int64_t n_pairs, const REAL *shifts, REAL eta, REAL cutoff,
+                                   REAL exp_floor, const REAL *d_g, int64_t st, int64_t sc,
+                                   REAL *d_coord)
 {
+    int n_threads;
+    REAL *extra = thread_rows(n_pairs, n_atoms, 3, sizeof(REAL), &n_threads);
+    #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+    {
+    int id = THREAD_ID;
+    REAL *mine = id == 0 ? d_coord : extra + (id - 1) * n_atoms * 3;
+    #pragma omp for schedule(static)
     for (int64_t p = 0; p < n_pairs; ++p) {
         int64_t i = pairs[p], j = pairs[n_pairs + p];
         REAL r[3];
@@ -309,10 +370,15 @@ void KERNEL(radial_terms_backward)(const REAL *coord, const int64_t *pairs, int6
         REAL d_d = fc * (-2 * eta) * by_slope + KERNEL(cutoff_slope)(d, cutoff) * by_gauss;
         for (int x = 0; x < 3; ++x) {
             REAL v = d_d / d * r[x];
-            d_coord[j * 3 + x] += v;
-            d_coord[i * 3 + x] -= v;
+            mine[j * 3 + x] += v;
+            mine[i * 3 + x] -= v;
         }
     }
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < n_atoms * 3; ++r)
+        for (int u = 1; u < n_threads; ++u) d_coord[r] += extra[(u - 1) * n_atoms * 3 + r];
+    }
+    free(extra);
 }
 
 /* the factors of one triplet's terms (see angular_terms) */
@@ -356,6 +422,7 @@ void KERNEL(angular_terms)(const REAL *coord, const int64_t *triplets, int64_t n
                            const REAL *sectors, const REAL *shifts, REAL eta, REAL cutoff,
                            REAL cos_clamp, REAL scale, REAL *g)
 {
+    #pragma omp parallel for schedule(static) if (n >= PARALLEL_MIN_TERMS)
     for (int64_t t = 0; t < n; ++t) {
         KERNEL(angular_parts) q;
         KERNEL(angular_factors)(coord, triplets, n, t, sectors, shifts, eta, cutoff, cos_clamp, &q);
@@ -366,11 +433,18 @@ void KERNEL(angular_terms)(const REAL *coord, const int64_t *triplets, int64_t n
 }
 
 /* d_coord (N, 3) += the coordinate gradient of sum(d_g * g); d_g (T, 32) with strides (st, sc) */
-void KERNEL(angular_terms_backward)(const REAL *coord, const int64_t *triplets, int64_t n,
-                                    const REAL *sectors, const REAL *shifts, REAL eta,
+void KERNEL(angular_terms_backward)(const REAL *coord, int64_t n_atoms, const int64_t *triplets,
+                                    int64_t n, const REAL *sectors, const REAL *shifts, REAL eta,
                                     REAL cutoff, REAL cos_clamp, REAL scale, const REAL *d_g,
                                     int64_t st, int64_t sc, REAL *d_coord)
 {
+    int n_threads;
+    REAL *extra = thread_rows(n, n_atoms, 3, sizeof(REAL), &n_threads);
+    #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+    {
+    int id = THREAD_ID;
+    REAL *mine = id == 0 ? d_coord : extra + (id - 1) * n_atoms * 3;
+    #pragma omp for schedule(static)
     for (int64_t t = 0; t < n; ++t) {
         KERNEL(angular_parts) q;
         KERNEL(angular_factors)(coord, triplets, n, t, sectors, shifts, eta, cutoff, cos_clamp, &q);
@@ -406,11 +480,16 @@ void KERNEL(angular_terms_backward)(const REAL *coord, const int64_t *triplets, 
         for (int x = 0; x < 3; ++x) {
             REAL v_ij = d_dot * q.r_ik[x] + dd_ij / q.d_ij * q.r_ij[x];
             REAL v_ik = d_dot * q.r_ij[x] + dd_ik / q.d_ik * q.r_ik[x];
-            d_coord[j * 3 + x] += v_ij;
-            d_coord[k * 3 + x] += v_ik;
-            d_coord[i * 3 + x] -= v_ij + v_ik;
+            mine[j * 3 + x] += v_ij;
+            mine[k * 3 + x] += v_ik;
+            mine[i * 3 + x] -= v_ij + v_ik;
         }
     }
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < n_atoms * 3; ++r)
+        for (int u = 1; u < n_threads; ++u) d_coord[r] += extra[(u - 1) * n_atoms * 3 + r];
+    }
+    free(extra);
 }
 
 #undef VEC

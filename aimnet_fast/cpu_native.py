@@ -32,10 +32,13 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_native.c")
+SOURCE = Path(__file__).resolve().with_name("cpu_native.c")  # absolute: it includes __FILE__
 #: No -ffast-math: the C sums in a fixed order and keeps IEEE semantics (FMA contraction allowed).
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
 LIBS = ("-lm",)
+#: Tried first: the loops on torch's OpenMP threads (see cpu_native.c); without it where the
+#: compiler has no OpenMP (one thread).
+OPENMP = ("-fopenmp",)
 #: Features per row the kernels handle (one vector), and the channel group they step by.
 WIDTH = 16
 
@@ -44,11 +47,11 @@ _empty = torch.empty
 
 _FUNCTIONS = {
     "centre_sum": ("p", "i", "p", "p", "p", "i", "i", "p"),
-    "centre_sum_backward": ("p", "i", "p", "p", "p", "i", "i", "p", "i", "p", "i", "i", "p"),
+    "centre_sum_backward": ("p", "i", "p", "i", "p", "p", "i", "i", "p", "i", "p", "i", "i", "p"),
     "radial_terms": ("p", "p", "i", "p", "r", "r", "r", "p"),
-    "radial_terms_backward": ("p", "p", "i", "p", "r", "r", "r", "p", "i", "i", "p"),
+    "radial_terms_backward": ("p", "i", "p", "i", "p", "r", "r", "r", "p", "i", "i", "p"),
     "angular_terms": ("p", "p", "i", "p", "p", "r", "r", "r", "r", "p"),
-    "angular_terms_backward": ("p", "p", "i", "p", "p", "r", "r", "r", "r", "p", "i", "i", "p"),
+    "angular_terms_backward": ("p", "i", "p", "i", "p", "p", "r", "r", "r", "r", "p", "i", "i", "p"),
 }
 _OTHERS = {"elu_f32": (("p", "i", "f"), None), "csr_offsets": (("p", "i", "i", "p"), "i"),
            "out_of_range": (("p", "i", "i"), "i"), "triplet_count": (("p", "i"), "i"),
@@ -81,9 +84,20 @@ def _compiler() -> list[str] | None:
 
 
 def _build(cc: list[str]) -> Path:
-    """The library's path, compiled into the cache unless already there."""
+    """The library's path, compiled into the cache unless already there: with OpenMP, or
+    without where that fails."""
+    errors = []
+    for flags in (FLAGS + OPENMP, FLAGS):
+        try:
+            return _build_with(cc, flags)
+        except RuntimeError as err:
+            errors.append(str(err))
+    raise RuntimeError("\n".join(errors))
+
+
+def _build_with(cc: list[str], flags: tuple[str, ...]) -> Path:
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cc), version, " ".join(FLAGS + LIBS),
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cc), version, " ".join(flags + LIBS),
                                     platform.machine(), _cpu_identity()]).encode()).hexdigest()[:20]
     cache = _cache_dir()
     try:
@@ -99,10 +113,11 @@ def _build(cc: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
     try:
-        done = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True,
-                              timeout=120)
+        done = subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp, *LIBS], capture_output=True,
+                              text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cc)} failed on {SOURCE}:\n{done.stderr[-2000:]}")
+            raise RuntimeError(f"{' '.join(cc)} {' '.join(flags)} failed on {SOURCE}:\n"
+                               f"{done.stderr[-2000:]}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -187,8 +202,9 @@ def centre_sum_backward(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tens
         return None, None
     d_feat = torch.zeros(feat.shape, dtype=feat.dtype) if need_feat else None
     st, sc = d_terms.stride() if d_terms is not None else (0, 0)
-    _call("centre_sum_backward" + _SUFFIX[terms.dtype], terms, C, feat, ptr, feat_index, 0, n_atoms,
-          grad_out, grad_out.stride(0), d_terms, st, sc, d_feat)  # None: NULL, not computed
+    _call("centre_sum_backward" + _SUFFIX[terms.dtype], terms, C, feat, feat.shape[0], ptr,
+          feat_index, 0, n_atoms, grad_out, grad_out.stride(0), d_terms, st, sc,
+          d_feat)  # None: NULL, not computed
     return d_terms, d_feat
 
 
@@ -210,8 +226,8 @@ def radial_terms_backward(coord: torch.Tensor, pairs: torch.Tensor, shifts: torc
     """d coord (N, 3) from d g (P, 16) of ``radial_terms`` (any strides)."""
     coord, pairs = coord.contiguous(), pairs.contiguous()
     d_coord = torch.zeros_like(coord)
-    _call("radial_terms_backward" + _SUFFIX[coord.dtype], coord, pairs, pairs.shape[1], shifts, eta,
-          cutoff, exp_floor, d_g, *d_g.stride(), d_coord)
+    _call("radial_terms_backward" + _SUFFIX[coord.dtype], coord, coord.shape[0], pairs,
+          pairs.shape[1], shifts, eta, cutoff, exp_floor, d_g, *d_g.stride(), d_coord)
     return d_coord
 
 
@@ -234,8 +250,9 @@ def angular_terms_backward(coord: torch.Tensor, triplets: torch.Tensor, sectors:
     """d coord (N, 3) from d g (T, 32) of ``angular_terms`` (any strides)."""
     coord, triplets = coord.contiguous(), triplets.contiguous()
     d_coord = torch.zeros_like(coord)
-    _call("angular_terms_backward" + _SUFFIX[coord.dtype], coord, triplets, triplets.shape[1],
-          sectors, shifts, eta, cutoff, cos_clamp, scale, d_g, *d_g.stride(), d_coord)
+    _call("angular_terms_backward" + _SUFFIX[coord.dtype], coord, coord.shape[0], triplets,
+          triplets.shape[1], sectors, shifts, eta, cutoff, cos_clamp, scale, d_g, *d_g.stride(),
+          d_coord)
     return d_coord
 
 

@@ -379,3 +379,32 @@ def test_native_triplets_and_unique_pairs_equal_the_reference(seed, poisoned):
         assert torch.equal(got, want)
     empty = cpu_native.triplets_and_pairs(torch.zeros(2, 0, dtype=torch.long), 4)
     assert [t.shape for t in empty] == [(3, 0), (2, 0), (0,)]
+
+
+@needs_compiler
+@pytest.mark.parametrize("which", ["radial", "angular"])
+def test_native_sums_on_several_threads_equal_the_reference(which, poisoned, native_calls):
+    """A batch large enough for the kernels' threads (OpenMP, with rows of their own for the sums
+    into shared rows): one and two threads against the float64 reference, 1e-10."""
+    from test_cpu_backend import _cluster
+    from aimnet_fast.constants import N_FEATURE
+    from aimnet_fast.neighbors import build_neighbors
+    coord, mol_idx = _cluster(150, 21)
+    nb = build_neighbors(coord, mol_idx)
+    g = torch.Generator().manual_seed(22)
+    afv = torch.randn(coord.shape[0], N_FEATURE, generator=g, dtype=torch.float64)
+    pair_feat = torch.randn(nb.pairs.shape[1], N_FEATURE, generator=g, dtype=torch.float64)
+    assert min(nb.radial.shape[1], nb.triplets.shape[1]) > 4 * 2048   # PARALLEL_MIN_TERMS
+    want = _values_and_gradients(aev, which, coord, nb, afv, pair_feat, torch.float64, False)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got = _values_and_gradients(cpu_aev, which, coord, nb, afv, pair_feat, torch.float64,
+                                        True)
+            for name, x, r in zip(("value", "d/dcoord", "d/dfeat"), got, want):
+                err = float((x - r).abs().max() / r.abs().max().clamp(min=1.0))
+                assert err < 1e-10, f"{n} threads, {which} {name}: relative error {err:.3g}"
+    finally:
+        torch.set_num_threads(threads)
+    assert native_calls == {"forward": 2, "backward": 2}

@@ -1,12 +1,13 @@
-"""What is derived from index tensors alone (a neighbor list), kept while those tensors live
-unchanged.
+"""What is derived from index tensors alone (a neighbor list), or from frozen weights, kept while
+those tensors live unchanged.
 
 A model's T passes, and their backward, reuse one neighbor list per batch, so what follows from the
 list alone (its check, the fast CPU backend's row layout) is computed once per list, not at every
 call. An entry is keyed by the identity of one tensor or of a tuple of them (triplets and their
 pair indices) and a tag, held through weak references (dropped when any of them is freed) and valid
 only while every tensor's version counter is unchanged (an in-place change makes it stale). Never
-for anything that depends on coordinates or carries autograd history.
+for anything that depends on coordinates or carries autograd history (``cpu_mlp`` keeps its
+transposed weights here, made without gradients).
 """
 from __future__ import annotations
 

@@ -527,3 +527,27 @@ def test_mlp_steps_follow_changes_of_the_sequential():
             assert cpu_mlp.mlp_steps(net) is None
         with torch.no_grad():
             torch.testing.assert_close(cpu_mlp.elu_mlp(x, net), net(x), rtol=1e-14, atol=1e-14)
+
+
+def test_first_order_gradient_follows_weights_changed_in_place():
+    """The transposed weights of the oneDNN blocks' backward are remade when a weight changes in
+    place (as load_state_dict and optimizers change them)."""
+    from aimnet_fast import cpu_mlp
+    from aimnet_fast.model import build_elu_mlp
+    torch.manual_seed(4)
+    net = build_elu_mlp([32, 256, 128, 16], last_activation=True).requires_grad_(False)
+    x = torch.randn(cpu_mlp.BLOCK_ROWS, 32)
+    for _ in range(2):
+        xx = x.clone().requires_grad_(True)
+        with ops.first_order():
+            (g,) = torch.autograd.grad(cpu_mlp.elu_mlp(xx, net).sum(), xx)
+        x64 = x.double().requires_grad_(True)
+        (want,) = torch.autograd.grad(copy_double(net)(x64).sum(), x64)
+        torch.testing.assert_close(g.double(), want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            net[2].weight.mul_(-1.5)
+
+
+def copy_double(net):
+    import copy
+    return copy.deepcopy(net).double()

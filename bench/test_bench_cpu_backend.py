@@ -71,6 +71,26 @@ def test_predict_forces(benchmark, guard, models, s66_batch, backend):
     _keep(benchmark, f"predict.{backend}", f"predict energy+forces, {b.n_atoms} atoms, {backend}")
 
 
+@pytest.mark.unguarded
+def test_predict_forces_without_native_kernels(benchmark, guard, models, s66_batch, monkeypatch):
+    """``test_predict_forces[cpu]`` with the cpu backend's torch code in place of its native
+    kernels (as on a machine without a C compiler), for their ratio in one run."""
+    from aimnet_fast import cpu_native
+    monkeypatch.setattr(cpu_native, "library", lambda: None)
+    b = s66_batch
+    model = _frozen(models["cpu"])
+
+    def run():
+        with first_order():
+            c = b.coord.clone().requires_grad_(True)
+            e = model(b.numbers, c, b.mol_idx, b.n_mol, all_passes=False)["energy"]
+            return torch.autograd.grad(e.sum(), c)[0]
+
+    guard.measure(benchmark, "cpu_backend.predict_forces[cpu, torch code]", run, rounds=3)
+    _keep(benchmark, "predict.cpu_torch_code",
+          f"predict energy+forces, {b.n_atoms} atoms, cpu without native kernels")
+
+
 def test_predict_forward_only(benchmark, guard, models, s66_batch):
     """The forward of ``test_predict_forces[cpu]`` alone (graph kept for forces), so that the
     backward's share is the difference: goal backward ≤ 1.2 × forward."""
@@ -163,6 +183,10 @@ def teardown_module():
         if f"{what}.torch" in MEDIANS and f"{what}.cpu" in MEDIANS:
             FIGURES.append(f"{what}: cpu backend {MEDIANS[f'{what}.torch'] / MEDIANS[f'{what}.cpu']:.2f}× "
                            f"the reference's speed (same run)")
+    if "predict.cpu_torch_code" in MEDIANS and "predict.cpu" in MEDIANS:
+        ratio = MEDIANS["predict.cpu_torch_code"] / MEDIANS["predict.cpu"]
+        FIGURES.append(f"predict: native kernels {ratio:.2f}× the cpu backend's torch code's speed "
+                       f"(same run)")
     if "forward.cpu" in MEDIANS and "predict.cpu" in MEDIANS:
         fwd = MEDIANS["forward.cpu"]
         FIGURES.append(f"predict on the cpu backend: backward {(MEDIANS['predict.cpu'] - fwd) / fwd:.2f}× "

@@ -26,6 +26,14 @@ work vectorizes, and the angular centre sum hands back the terms' gradient in th
 The angular terms use cos(θ − θ_z) = cos θ cos θ_z + sin θ sin θ_z with sin θ = sqrt(1 − cos²θ)
 (θ in [0, π]) instead of arccos, and raise to ζ = 8 by three squarings.
 
+Where no graph is differentiated twice (``native_wanted``: inside ``first_order()``, or gradients
+off) and the native kernels are built (``cpu_native``), the terms and the centre sums are theirs
+instead: the terms stay (T, C) in the lists' order (sorted by centre, ``CsrPlan``), each atom's sums
+are made in vector registers while its terms stream past, and the backwards recompute the terms'
+factors from the coordinates rather than keep them (``NativeCentreSum``, ``NativeRadialTerms``,
+``NativeAngularTerms``). Training, whose force loss differentiates the backward again, keeps the
+torch code above.
+
 Shapes and units as the reference: coord (N, 3) Å; pairs (2, P) and triplets (3, T) int64 sorted
 by centre atom (any order is accepted, at the cost of a sort); outputs (N, 16, F) and (N, 32, F).
 """

@@ -15,6 +15,9 @@ a large molecule's backward then takes a third less memory. Its backward cannot 
 again (it would need the input, which it does not keep): a double backward inside ``first_order``
 raises an error instead.
 
+Where no graph records the ELU (``FirstOrderMLP``'s forward, or gradients off), it is the native
+one (``cpu_native.elu_``: expm1 ~4× cheaper per element than torch's, within 0.9 ulp).
+
 Where no graph is kept (inside ``first_order()`` as above, or with gradients off), a float32
 input goes through the layers in blocks of ``BLOCK_ROWS`` (then ``SMALL_BLOCKS``) rows, the
 products of each block's large layers by oneDNN (torch's ``mkldnn._linear_pointwise``), which ran

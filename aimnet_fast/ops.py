@@ -7,7 +7,8 @@ Backends (``BACKENDS``):
 - ``"torch"``  the reference: ``aimnet_fast.aev``, ``aimnet_fast.neighbors``, ``torch.nn``
 - ``"cpu"``    the fast CPU backend: ``aimnet_fast.cpu_aev``'s contractions (row-blocked matrix
   products and analytic backwards instead of the reference's per-term products, the AEV terms
-  computed once for the T passes: ``aev_terms``),
+  computed once for the T passes: ``aev_terms``; inside ``first_order()`` or without gradients,
+  ``aimnet_fast.cpu_native``'s C kernels where a C compiler built them),
   ``aimnet_fast.cpu_mlp``'s MLPs (the ELU in place), ``aimnet_fast.cpu_neighbors``'s lists (the
   reference's, small molecules' radial pairs by testing every pair inside each molecule)
 - ``"triton"`` the kernels (CUDA tensors, or any tensors under TRITON_INTERPRET=1)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from . import ops
 from .checkpoint import write_atomic
 from .errors import AIMNetError, ConfigError, DataError, PredictError, report as report_error
 from .train.loss import TARGET_HEAD, predicted_forces, residuals
@@ -188,7 +189,9 @@ def evaluate(model, ds, indices=None, *, targets: Optional[Sequence[str]] = None
             src_mol = torch.as_tensor(source_of[part].astype(np.int64), device=device)
             src_atom = src_mol.repeat_interleave(batch.mol_sizes)
             coord = batch.coord
-            with torch.set_grad_enabled(need_forces):
+            # first_order: forces by one backward, never differentiated again (the cpu backend's
+            # native kernels and first-order MLPs, as for the predict command)
+            with torch.set_grad_enabled(need_forces), ops.first_order():
                 if need_forces:
                     coord = coord.detach().requires_grad_(True)
                 out = m(batch.numbers, coord, batch.mol_idx, batch.n_mol, n_pass=T)

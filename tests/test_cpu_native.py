@@ -137,21 +137,28 @@ def test_gradient_of_a_column_slice_and_of_terms_by_channel():
         == (None, None)
 
 
+def _radial_inside_first_order_equals_the_reference(coord, pairs, afv, reference_pairs=None):
+    """``cpu_aev.radial_contract`` on ``pairs`` inside first_order(), value and d/dcoord, against
+    the reference's on ``reference_pairs`` (the same list in the reference's order; default
+    ``pairs``)."""
+    with first_order():
+        c = coord.clone().requires_grad_(True)
+        got = cpu_aev.radial_contract(c, pairs, afv)
+        (d,) = torch.autograd.grad(got.sum(), c)
+    c = coord.clone().requires_grad_(True)
+    want = aev.radial_contract(c, pairs if reference_pairs is None else reference_pairs, afv)
+    (d_want,) = torch.autograd.grad(want.sum(), c)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d, d_want, rtol=1e-10, atol=1e-10)
+
+
 @needs_compiler
 def test_lists_not_sorted_by_centre_take_the_rows(native_calls):
     coord, nb, afv, pair_feat = _inputs(6)
     order = torch.randperm(nb.radial.shape[1], generator=torch.Generator().manual_seed(0))
     shuffled = nb.radial[:, order].contiguous()
-    with first_order():
-        c = coord.clone().requires_grad_(True)
-        got = cpu_aev.radial_contract(c, shuffled, afv)
-        (d,) = torch.autograd.grad(got.sum(), c)
+    _radial_inside_first_order_equals_the_reference(coord, shuffled, afv, nb.radial)
     assert native_calls == {"forward": 0, "backward": 0}
-    c = coord.clone().requires_grad_(True)
-    want = aev.radial_contract(c, nb.radial, afv)
-    (d_want,) = torch.autograd.grad(want.sum(), c)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(d, d_want, rtol=1e-10, atol=1e-10)
 
 
 @needs_compiler
@@ -178,16 +185,8 @@ def test_features_the_kernels_do_not_take_are_summed_by_torch(native_calls):
     coord, nb, _, _ = _inputs(7)
     afv = torch.randn(coord.shape[0], 3, generator=torch.Generator().manual_seed(1),
                       dtype=torch.float64)
-    with first_order():
-        c = coord.clone().requires_grad_(True)
-        got = cpu_aev.radial_contract(c, nb.radial, afv)
-        (d,) = torch.autograd.grad(got.sum(), c)
+    _radial_inside_first_order_equals_the_reference(coord, nb.radial, afv)
     assert native_calls == {"forward": 0, "backward": 0}
-    c = coord.clone().requires_grad_(True)
-    want = aev.radial_contract(c, nb.radial, afv)
-    (d_want,) = torch.autograd.grad(want.sum(), c)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(d, d_want, rtol=1e-10, atol=1e-10)
 
 
 @needs_compiler
@@ -304,21 +303,13 @@ def test_switched_off_or_without_a_compiler_the_backend_is_the_torch_code(fresh_
                                                                           monkeypatch,
                                                                           native_calls):
     coord, nb, afv, _ = _inputs(9)
-    c = coord.clone().requires_grad_(True)
-    want = aev.radial_contract(c, nb.radial, afv)
-    (d_want,) = torch.autograd.grad(want.sum(), c)
     for env, value in (("AIMNET_FAST_NATIVE", "0"), ("CC", "no-such-compiler-here")):
         monkeypatch.setenv(env, value)
         cpu_native.library.cache_clear()
         with warnings.catch_warnings():
             warnings.simplefilter("error")                 # nothing to warn about: a choice
             assert cpu_native.library() is None
-        with first_order():
-            c = coord.clone().requires_grad_(True)
-            got = cpu_aev.radial_contract(c, nb.radial, afv)
-            (d,) = torch.autograd.grad(got.sum(), c)
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(d, d_want, rtol=1e-10, atol=1e-10)
+        _radial_inside_first_order_equals_the_reference(coord, nb.radial, afv)
         monkeypatch.delenv(env)
     assert native_calls == {"forward": 0, "backward": 0}
     assert cpu_native.elu_(torch.tensor([-1.0]), 1.0) == torch.tensor([math.expm1(-1.0)])

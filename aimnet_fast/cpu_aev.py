@@ -299,10 +299,7 @@ class NativeCentreSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError("a double backward through the cpu backend's native centre sum "
-                               "inside aimnet_fast.ops.first_order(): take create_graph gradients "
-                               "outside that block")
+        cpu_mlp.refuse_double_backward("native centre sum")
         terms, feat = ctx.saved_tensors
         d_terms, d_feat = cpu_native.centre_sum_backward(terms, feat, ctx.plan.ptr,
                                                          ctx.plan.feat_index, grad_out,
@@ -491,13 +488,6 @@ def _native_constants(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, t
     return tuple(t.to(dtype).contiguous() for t in (_RADIAL_SHIFTS, _SECTORS_COS_SIN, _ANGULAR_SHIFTS))
 
 
-def _refuse_double_backward(what: str) -> None:
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"a double backward through the cpu backend's native {what} inside "
-                           "aimnet_fast.ops.first_order(): take create_graph gradients outside "
-                           "that block")
-
-
 class NativeRadialTerms(torch.autograd.Function):
     """``RadialTerms`` of the pairs (2, P) at coord (N, 3) Å by the native kernels, bond vectors
     and all: g (P, 16); backward d coord (N, 3), recomputed from the coordinates. Not
@@ -511,7 +501,7 @@ class NativeRadialTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_g: torch.Tensor):
-        _refuse_double_backward("radial terms")
+        cpu_mlp.refuse_double_backward("native radial terms")
         coord, pairs = ctx.saved_tensors
         return cpu_native.radial_terms_backward(coord, pairs, _native_constants(coord.dtype)[0],
                                                 RADIAL_ETA_PER_A2, RADIAL_CUTOFF_A,
@@ -531,7 +521,7 @@ class NativeAngularTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_g: torch.Tensor):
-        _refuse_double_backward("angular terms")
+        cpu_mlp.refuse_double_backward("native angular terms")
         coord, triplets = ctx.saved_tensors
         _, sectors, shifts = _native_constants(coord.dtype)
         return cpu_native.angular_terms_backward(coord, triplets, sectors, shifts,

@@ -95,6 +95,15 @@ def in_first_order() -> bool:
     return _FIRST_ORDER.get()
 
 
+def refuse_double_backward(what: str) -> None:
+    """For the backwards of the cpu backend's first-order Functions (``what``: which), whose
+    results are not differentiable: an error where autograd is asked to differentiate them."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"a double backward through the cpu backend's {what} inside "
+                           "aimnet_fast.ops.first_order(): take create_graph gradients outside "
+                           "that block")
+
+
 class Step(NamedTuple):
     """One Linear of an MLP (its parameters as they are now) and the ELU after it, if any."""
     linear: nn.Linear
@@ -128,8 +137,9 @@ def mlp_steps(layers: nn.Sequential) -> tuple[Step, ...] | None:
         else:
             out = None
             break
-    _STEPS[layers] = (modules, None if out is None else tuple(out))
-    return _STEPS[layers][1]
+    steps = None if out is None else tuple(out)
+    _STEPS[layers] = (modules, steps)
+    return steps
 
 
 class FirstOrderMLP(torch.autograd.Function):
@@ -149,10 +159,7 @@ class FirstOrderMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError("a double backward through the cpu backend's MLPs inside "
-                               "aimnet_fast.cpu_mlp.first_order(): take create_graph gradients "
-                               "outside that block")
+        refuse_double_backward("MLPs")
         kept = list(ctx.saved_tensors)
         n_elu = len(kept) // len(ctx.blocks)
         outs = []

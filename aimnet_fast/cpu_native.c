@@ -3,8 +3,6 @@
  * The centre sum of the AEV contractions, out[i, c, :] = sum over the terms t of atom i of
  * terms[t, c] * feat[feat_index[t], :], and its backward, for 16 features (one vector) and
  * channels in groups of 16. The terms are sorted by centre atom: atom i's are ptr[i] .. ptr[i+1]-1.
- * Each function works on the atoms a0 .. a1-1, so that a caller may split the atoms between threads
- * (the forward and d_terms write disjoint rows; d_feat is summed into, so each thread needs its own).
  *
  * Why native: torch composes this from gathers, padded rows, batched 16 x 16 products and an
  * index_add, each a pass over memory and each small (~2 ms of 10 for a 2,664-atom batch); here the
@@ -213,12 +211,29 @@ void elu_f32(float *restrict x, int64_t n, float alpha)
 typedef REAL KERNEL(vec16) __attribute__((vector_size(16 * sizeof(REAL))));
 #define VEC KERNEL(vec16)
 
-/* out (n_atoms, C, 16): atoms a0 .. a1-1 written whole (zeros for an atom without terms) */
-void KERNEL(centre_sum)(const REAL *terms, int64_t C, const REAL *feat, const int64_t *ptr,
-                        const int64_t *feat_index, int64_t a0, int64_t a1, REAL *out)
+/* This thread's rows to add into: `out` itself for thread 0, else its set of `extra` (from
+ * thread_rows), n_values each */
+static inline REAL *KERNEL(own_rows)(REAL *out, REAL *extra, int64_t n_values)
 {
-    #pragma omp parallel for schedule(guided) if (ptr[a1] - ptr[a0] >= PARALLEL_MIN_TERMS)
-    for (int64_t i = a0; i < a1; ++i) {
+    int id = THREAD_ID;
+    return id == 0 ? out : extra + (id - 1) * n_values;
+}
+
+/* out += every other thread's rows; called by every thread of the team (a worksharing loop) */
+static inline void KERNEL(add_thread_rows)(REAL *out, const REAL *extra, int64_t n_values,
+                                           int n_threads)
+{
+    #pragma omp for schedule(static)
+    for (int64_t r = 0; r < n_values; ++r)
+        for (int u = 1; u < n_threads; ++u) out[r] += extra[(u - 1) * n_values + r];
+}
+
+/* out (n_atoms, C, 16), every atom written whole (zeros for an atom without terms) */
+void KERNEL(centre_sum)(const REAL *terms, int64_t C, const REAL *feat, const int64_t *ptr,
+                        const int64_t *feat_index, int64_t n_atoms, REAL *out)
+{
+    #pragma omp parallel for schedule(guided) if (ptr[n_atoms] >= PARALLEL_MIN_TERMS)
+    for (int64_t i = 0; i < n_atoms; ++i) {
         for (int64_t c0 = 0; c0 < C; c0 += 16) {
             VEC acc[16];
             memset(acc, 0, sizeof acc);
@@ -233,20 +248,20 @@ void KERNEL(centre_sum)(const REAL *terms, int64_t C, const REAL *feat, const in
     }
 }
 
-/* d_terms[t, c] = d_out[i, c, :] . feat[feat_index[t], :] for the terms of atoms a0 .. a1-1,
+/* d_terms[t, c] = d_out[i, c, :] . feat[feat_index[t], :] for every term,
  * stored at d_terms + t * st + c * sc; d_feat (n_feat_rows, 16) += sum over c of
  * terms[t, c] * d_out[i, c, :]. d_out's atoms lie d_out_stride apart (a column slice of a wider
  * gradient needs no copy). Either output may be NULL (not needed). */
 void KERNEL(centre_sum_backward)(const REAL *terms, int64_t C, const REAL *feat,
                                  int64_t n_feat_rows, const int64_t *ptr,
-                                 const int64_t *feat_index, int64_t a0, int64_t a1,
+                                 const int64_t *feat_index, int64_t n_atoms,
                                  const REAL *d_out, int64_t d_out_stride, REAL *d_terms,
                                  int64_t st, int64_t sc, REAL *d_feat)
 {
-    int64_t n_terms = ptr[a1] - ptr[a0];
+    int64_t n_terms = ptr[n_atoms];
     if (d_terms) {
         #pragma omp parallel for schedule(guided) if (n_terms >= PARALLEL_MIN_TERMS)
-        for (int64_t i = a0; i < a1; ++i) {
+        for (int64_t i = 0; i < n_atoms; ++i) {
             for (int64_t c0 = 0; c0 < C; c0 += 16) {
                 const REAL *d = d_out + i * d_out_stride + c0 * 16;
                 VEC dt[16];  /* d transposed, dt[f][c] = d[c][f]: a term's 16 sums in one vector */
@@ -268,10 +283,9 @@ void KERNEL(centre_sum_backward)(const REAL *terms, int64_t C, const REAL *feat,
     REAL *extra = thread_rows(n_terms, n_feat_rows, 16, sizeof(REAL), &n_threads);
     #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
     {
-        int id = THREAD_ID;
-        REAL *mine = id == 0 ? d_feat : extra + (id - 1) * n_feat_rows * 16;
+        REAL *mine = KERNEL(own_rows)(d_feat, extra, n_feat_rows * 16);
         #pragma omp for schedule(static)
-        for (int64_t i = a0; i < a1; ++i) {
+        for (int64_t i = 0; i < n_atoms; ++i) {
             for (int64_t c0 = 0; c0 < C; c0 += 16) {
                 VEC dv[16];
                 memcpy(dv, d_out + i * d_out_stride + c0 * 16, sizeof dv);
@@ -287,9 +301,7 @@ void KERNEL(centre_sum_backward)(const REAL *terms, int64_t C, const REAL *feat,
                 }
             }
         }
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < n_feat_rows * 16; ++r)
-            for (int u = 1; u < n_threads; ++u) d_feat[r] += extra[(u - 1) * n_feat_rows * 16 + r];
+        KERNEL(add_thread_rows)(d_feat, extra, n_feat_rows * 16, n_threads);
     }
     free(extra);
 }
@@ -324,6 +336,18 @@ static inline void KERNEL(bond)(const REAL *coord, int64_t i, int64_t j, REAL r[
     for (int x = 0; x < 3; ++x) r[x] = coord[j * 3 + x] - coord[i * 3 + x];
 }
 
+static inline REAL KERNEL(norm)(const REAL r[3])
+{
+    return MATH(sqrt)(r[0] * r[0] + r[1] * r[1] + r[2] * r[2]);
+}
+
+/* exp(-eta sh^2), the exponent floored at exp_floor */
+static inline REAL KERNEL(gauss)(REAL sh, REAL eta, REAL exp_floor)
+{
+    REAL e = -eta * (sh * sh);
+    return MATH(exp)(e > exp_floor ? e : exp_floor);
+}
+
 /* g (P, 16) for the pairs (i, j) = (pairs[p], pairs[n_pairs + p]) */
 void KERNEL(radial_terms)(const REAL *coord, const int64_t *pairs, int64_t n_pairs,
                           const REAL *shifts, REAL eta, REAL cutoff, REAL exp_floor, REAL *g)
@@ -332,12 +356,8 @@ void KERNEL(radial_terms)(const REAL *coord, const int64_t *pairs, int64_t n_pai
     for (int64_t p = 0; p < n_pairs; ++p) {
         REAL r[3];
         KERNEL(bond)(coord, pairs[p], pairs[n_pairs + p], r);
-        REAL d = MATH(sqrt)(r[0] * r[0] + r[1] * r[1] + r[2] * r[2]);
-        REAL fc = KERNEL(cutoff)(d, cutoff);
-        for (int s = 0; s < 16; ++s) {
-            REAL sh = d - shifts[s], e = -eta * (sh * sh);
-            g[p * 16 + s] = MATH(exp)(e > exp_floor ? e : exp_floor) * fc;
-        }
+        REAL d = KERNEL(norm)(r), fc = KERNEL(cutoff)(d, cutoff);
+        for (int s = 0; s < 16; ++s) g[p * 16 + s] = KERNEL(gauss)(d - shifts[s], eta, exp_floor) * fc;
     }
 }
 
@@ -351,19 +371,17 @@ void KERNEL(radial_terms_backward)(const REAL *coord, int64_t n_atoms, const int
     REAL *extra = thread_rows(n_pairs, n_atoms, 3, sizeof(REAL), &n_threads);
     #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
     {
-    int id = THREAD_ID;
-    REAL *mine = id == 0 ? d_coord : extra + (id - 1) * n_atoms * 3;
+    REAL *mine = KERNEL(own_rows)(d_coord, extra, n_atoms * 3);
     #pragma omp for schedule(static)
     for (int64_t p = 0; p < n_pairs; ++p) {
         int64_t i = pairs[p], j = pairs[n_pairs + p];
         REAL r[3];
         KERNEL(bond)(coord, i, j, r);
-        REAL d = MATH(sqrt)(r[0] * r[0] + r[1] * r[1] + r[2] * r[2]);
-        REAL fc = KERNEL(cutoff)(d, cutoff);
+        REAL d = KERNEL(norm)(r), fc = KERNEL(cutoff)(d, cutoff);
         REAL by_gauss = 0, by_slope = 0;  /* sum dG gauss, sum dG gauss (d - s) */
         for (int s = 0; s < 16; ++s) {
-            REAL sh = d - shifts[s], e = -eta * (sh * sh);
-            REAL gg = d_g[p * st + s * sc] * MATH(exp)(e > exp_floor ? e : exp_floor);
+            REAL sh = d - shifts[s];
+            REAL gg = d_g[p * st + s * sc] * KERNEL(gauss)(sh, eta, exp_floor);
             by_gauss += gg;
             by_slope += gg * sh;
         }
@@ -374,9 +392,7 @@ void KERNEL(radial_terms_backward)(const REAL *coord, int64_t n_atoms, const int
             mine[i * 3 + x] -= v;
         }
     }
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < n_atoms * 3; ++r)
-        for (int u = 1; u < n_threads; ++u) d_coord[r] += extra[(u - 1) * n_atoms * 3 + r];
+    KERNEL(add_thread_rows)(d_coord, extra, n_atoms * 3, n_threads);
     }
     free(extra);
 }
@@ -396,8 +412,8 @@ static inline void KERNEL(angular_factors)(const REAL *coord, const int64_t *tri
     KERNEL(bond)(coord, i, triplets[n + t], q->r_ij);
     KERNEL(bond)(coord, i, triplets[2 * n + t], q->r_ik);
     const REAL *a = q->r_ij, *b = q->r_ik;
-    q->d_ij = MATH(sqrt)(a[0] * a[0] + a[1] * a[1] + a[2] * a[2]);
-    q->d_ik = MATH(sqrt)(b[0] * b[0] + b[1] * b[1] + b[2] * b[2]);
+    q->d_ij = KERNEL(norm)(a);
+    q->d_ik = KERNEL(norm)(b);
     q->cos_raw = (a[0] * b[0] + a[1] * b[1] + a[2] * b[2]) / (q->d_ij * q->d_ik);
     q->cos = q->cos_raw < -cos_clamp ? -cos_clamp : (q->cos_raw > cos_clamp ? cos_clamp : q->cos_raw);
     q->sin = MATH(sqrt)(1 - q->cos * q->cos);
@@ -442,8 +458,7 @@ void KERNEL(angular_terms_backward)(const REAL *coord, int64_t n_atoms, const in
     REAL *extra = thread_rows(n, n_atoms, 3, sizeof(REAL), &n_threads);
     #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
     {
-    int id = THREAD_ID;
-    REAL *mine = id == 0 ? d_coord : extra + (id - 1) * n_atoms * 3;
+    REAL *mine = KERNEL(own_rows)(d_coord, extra, n_atoms * 3);
     #pragma omp for schedule(static)
     for (int64_t t = 0; t < n; ++t) {
         KERNEL(angular_parts) q;
@@ -485,9 +500,7 @@ void KERNEL(angular_terms_backward)(const REAL *coord, int64_t n_atoms, const in
             mine[i * 3 + x] -= v_ij + v_ik;
         }
     }
-    #pragma omp for schedule(static)
-    for (int64_t r = 0; r < n_atoms * 3; ++r)
-        for (int u = 1; u < n_threads; ++u) d_coord[r] += extra[(u - 1) * n_atoms * 3 + r];
+    KERNEL(add_thread_rows)(d_coord, extra, n_atoms * 3, n_threads);
     }
     free(extra);
 }

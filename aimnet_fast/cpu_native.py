@@ -46,8 +46,8 @@ WIDTH = 16
 _empty = torch.empty
 
 _FUNCTIONS = {
-    "centre_sum": ("p", "i", "p", "p", "p", "i", "i", "p"),
-    "centre_sum_backward": ("p", "i", "p", "i", "p", "p", "i", "i", "p", "i", "p", "i", "i", "p"),
+    "centre_sum": ("p", "i", "p", "p", "p", "i", "p"),
+    "centre_sum_backward": ("p", "i", "p", "i", "p", "p", "i", "p", "i", "p", "i", "i", "p"),
     "radial_terms": ("p", "p", "i", "p", "r", "r", "r", "p"),
     "radial_terms_backward": ("p", "i", "p", "i", "p", "r", "r", "r", "p", "i", "i", "p"),
     "angular_terms": ("p", "p", "i", "p", "p", "r", "r", "r", "r", "p"),
@@ -86,19 +86,21 @@ def _compiler() -> list[str] | None:
 def _build(cc: list[str]) -> Path:
     """The library's path, compiled into the cache unless already there: with OpenMP, or
     without where that fails."""
+    # what the library depends on besides its flags: read once for both tries
+    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    identity = "\0".join([SOURCE.read_text(), " ".join(cc), version, platform.machine(),
+                          _cpu_identity()])
     errors = []
     for flags in (FLAGS + OPENMP, FLAGS):
         try:
-            return _build_with(cc, flags)
+            return _build_with(cc, flags, identity)
         except RuntimeError as err:
             errors.append(str(err))
     raise RuntimeError("\n".join(errors))
 
 
-def _build_with(cc: list[str], flags: tuple[str, ...]) -> Path:
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cc), version, " ".join(flags + LIBS),
-                                    platform.machine(), _cpu_identity()]).encode()).hexdigest()[:20]
+def _build_with(cc: list[str], flags: tuple[str, ...], identity: str) -> Path:
+    key = hashlib.sha256(f"{identity}\0{' '.join(flags + LIBS)}".encode()).hexdigest()[:20]
     cache = _cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -169,9 +171,10 @@ def _function(name: str):
     return getattr(library(), name)
 
 
-def _call(name: str, *args) -> None:
-    # a 21-atom molecule makes ~60 of these calls: the function is looked up once
-    _function(name)(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
+def _call(name: str, *args):
+    """The C function ``name`` on ``args``, tensors passed as their data pointers (None: NULL).
+    A 21-atom molecule makes ~60 of these calls: the function is looked up once."""
+    return _function(name)(*[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def centre_sum(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tensor,
@@ -180,7 +183,7 @@ def centre_sum(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tensor,
     terms, feat = terms.contiguous(), feat.contiguous()
     n_atoms, C = ptr.numel() - 1, terms.shape[1]
     out = _empty(n_atoms, C, WIDTH, dtype=terms.dtype)
-    _call("centre_sum" + _SUFFIX[terms.dtype], terms, C, feat, ptr, feat_index, 0, n_atoms, out)
+    _call("centre_sum" + _SUFFIX[terms.dtype], terms, C, feat, ptr, feat_index, n_atoms, out)
     return out
 
 
@@ -203,7 +206,7 @@ def centre_sum_backward(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tens
     d_feat = torch.zeros(feat.shape, dtype=feat.dtype) if need_feat else None
     st, sc = d_terms.stride() if d_terms is not None else (0, 0)
     _call("centre_sum_backward" + _SUFFIX[terms.dtype], terms, C, feat, feat.shape[0], ptr,
-          feat_index, 0, n_atoms, grad_out, grad_out.stride(0), d_terms, st, sc,
+          feat_index, n_atoms, grad_out, grad_out.stride(0), d_terms, st, sc,
           d_feat)  # None: NULL, not computed
     return d_terms, d_feat
 
@@ -262,7 +265,7 @@ def csr_offsets(centre: torch.Tensor, n_atoms: int) -> torch.Tensor | None:
     outside [0, n_atoms)."""
     centre = centre.contiguous()
     ptr = _empty(n_atoms + 1, dtype=torch.int64)
-    status = _function("csr_offsets")(centre.data_ptr(), centre.numel(), n_atoms, ptr.data_ptr())
+    status = _call("csr_offsets", centre, centre.numel(), n_atoms, ptr)
     if status == 2:
         raise ValueError(f"term indices out of range: centres in [0, {n_atoms})")
     return ptr if status == 0 else None
@@ -271,7 +274,7 @@ def csr_offsets(centre: torch.Tensor, n_atoms: int) -> torch.Tensor | None:
 def out_of_range(index: torch.Tensor, bound: int) -> bool:
     """Whether any int64 index lies outside [0, bound)."""
     index = index.contiguous()
-    return bool(_function("out_of_range")(index.data_ptr(), index.numel(), bound))
+    return bool(_call("out_of_range", index, index.numel(), bound))
 
 
 def triplets_and_pairs(angular: torch.Tensor, n_atoms: int
@@ -281,14 +284,13 @@ def triplets_and_pairs(angular: torch.Tensor, n_atoms: int
     ``triplet_pair`` (T,): ``neighbors.triplets_from_pairs`` and ``neighbors.unique_pairs``."""
     angular = angular.contiguous()
     n_pairs = angular.shape[1]
-    n = _function("triplet_count")(angular.data_ptr(), n_pairs)
+    n = _call("triplet_count", angular, n_pairs)
     triplets = _empty(3, n, dtype=torch.int64)
-    _function("triplets_from_pairs")(angular.data_ptr(), n_pairs, triplets.data_ptr(), n)
+    _call("triplets_from_pairs", angular, n_pairs, triplets, n)
     work = _empty(2 * n_atoms + 1 + n, dtype=torch.int64)
     out = _empty(2, n, dtype=torch.int64)
     triplet_pair = _empty(n, dtype=torch.int64)
-    q = _function("unique_pairs")(triplets.data_ptr(), n, n_atoms, work.data_ptr(), out.data_ptr(),
-                                  triplet_pair.data_ptr())
+    q = _call("unique_pairs", triplets, n, n_atoms, work, out, triplet_pair)
     return triplets, out[:, :q].contiguous(), triplet_pair
 
 
@@ -298,5 +300,5 @@ def elu_(x: torch.Tensor, alpha: float) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() \
             or library() is None:
         return torch.nn.functional.elu(x, alpha, inplace=True)
-    _function("elu_f32")(x.data_ptr(), x.numel(), alpha)
+    _call("elu_f32", x, x.numel(), alpha)
     return x

@@ -6,8 +6,10 @@ operations whatever the batch. A batch of molecules of ~20 atoms has only Σ n²
 pairs, which a dozen operations enumerate and test: the radial pairs of a 7,082-atom batch of
 S66x8 dimers took 8 ms instead of 15-20 ms, a 21-atom droplet's whole search 0.29 ms instead of
 0.46 ms (bench/RESULTS.md). Above ``BRUTE_FORCE_PAIRS_PER_ATOM`` candidates per atom (molecules
-of a few hundred atoms) the cell list is cheaper and is used. The angular subset, the triplets and
-the unique pairs are the reference's (``reference.lists_from_radial``) on these pairs.
+of a few hundred atoms) the cell list is cheaper and is used. The angular subset is the
+reference's on these pairs; the triplets and the unique pairs are the native kernels'
+(``cpu_native.triplets_and_pairs``, the reference's lists exactly) where they are built, else the
+reference's (``reference.lists_from_radial``).
 
 The distances are decided as the reference decides them (float64, |r_j − r_i|² < cutoff²), so
 the lists are the reference's exactly, in the same order (by i, then j).

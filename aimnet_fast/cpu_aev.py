@@ -488,45 +488,67 @@ def _native_constants(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, t
     return tuple(t.to(dtype).contiguous() for t in (_RADIAL_SHIFTS, _SECTORS_COS_SIN, _ANGULAR_SHIFTS))
 
 
-class NativeRadialTerms(torch.autograd.Function):
+def native_radial_terms(coord: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
     """``RadialTerms`` of the pairs (2, P) at coord (N, 3) Å by the native kernels, bond vectors
-    and all: g (P, 16); backward d coord (N, 3), recomputed from the coordinates. Not
-    differentiable twice (used where ``native_wanted``)."""
+    and all: g (P, 16)."""
+    return cpu_native.radial_terms(coord, pairs, _native_constants(coord.dtype)[0],
+                                   RADIAL_ETA_PER_A2, RADIAL_CUTOFF_A, _exp_floor(coord.dtype))
+
+
+def native_radial_terms_backward(coord: torch.Tensor, pairs: torch.Tensor,
+                                 d_g: torch.Tensor) -> torch.Tensor:
+    """d coord (N, 3) from d g (P, 16) of ``native_radial_terms``, recomputed from the
+    coordinates."""
+    return cpu_native.radial_terms_backward(coord, pairs, _native_constants(coord.dtype)[0],
+                                            RADIAL_ETA_PER_A2, RADIAL_CUTOFF_A,
+                                            _exp_floor(coord.dtype), d_g)
+
+
+def native_angular_terms(coord: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
+    """``AngularTerms`` of the triplets (3, T) at coord (N, 3) Å by the native kernels: g (T, 32)."""
+    _, sectors, shifts = _native_constants(coord.dtype)
+    return cpu_native.angular_terms(coord, triplets, sectors, shifts, ANGULAR_ETA_PER_A2,
+                                    ANGULAR_CUTOFF_A, COS_CLAMP, _ANGULAR_SCALE)
+
+
+def native_angular_terms_backward(coord: torch.Tensor, triplets: torch.Tensor,
+                                  d_g: torch.Tensor) -> torch.Tensor:
+    """d coord (N, 3) from d g (T, 32) of ``native_angular_terms`` (any strides)."""
+    _, sectors, shifts = _native_constants(coord.dtype)
+    return cpu_native.angular_terms_backward(coord, triplets, sectors, shifts, ANGULAR_ETA_PER_A2,
+                                             ANGULAR_CUTOFF_A, COS_CLAMP, _ANGULAR_SCALE, d_g)
+
+
+class NativeRadialTerms(torch.autograd.Function):
+    """``native_radial_terms`` as an autograd Function: backward d coord, recomputed from the
+    coordinates. Not differentiable twice (used where ``native_wanted``)."""
 
     @staticmethod
     def forward(ctx, coord: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(coord, pairs)
-        return cpu_native.radial_terms(coord, pairs, _native_constants(coord.dtype)[0],
-                                       RADIAL_ETA_PER_A2, RADIAL_CUTOFF_A, _exp_floor(coord.dtype))
+        return native_radial_terms(coord, pairs)
 
     @staticmethod
     def backward(ctx, d_g: torch.Tensor):
         cpu_mlp.refuse_double_backward("native radial terms")
         coord, pairs = ctx.saved_tensors
-        return cpu_native.radial_terms_backward(coord, pairs, _native_constants(coord.dtype)[0],
-                                                RADIAL_ETA_PER_A2, RADIAL_CUTOFF_A,
-                                                _exp_floor(coord.dtype), d_g), None
+        return native_radial_terms_backward(coord, pairs, d_g), None
 
 
 class NativeAngularTerms(torch.autograd.Function):
-    """``AngularTerms`` of the triplets (3, T) at coord (N, 3) Å by the native kernels: g (T, 32);
-    backward d coord (N, 3). Not differentiable twice."""
+    """``native_angular_terms`` as an autograd Function: backward d coord. Not differentiable
+    twice."""
 
     @staticmethod
     def forward(ctx, coord: torch.Tensor, triplets: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(coord, triplets)
-        _, sectors, shifts = _native_constants(coord.dtype)
-        return cpu_native.angular_terms(coord, triplets, sectors, shifts, ANGULAR_ETA_PER_A2,
-                                        ANGULAR_CUTOFF_A, COS_CLAMP, _ANGULAR_SCALE)
+        return native_angular_terms(coord, triplets)
 
     @staticmethod
     def backward(ctx, d_g: torch.Tensor):
         cpu_mlp.refuse_double_backward("native angular terms")
         coord, triplets = ctx.saved_tensors
-        _, sectors, shifts = _native_constants(coord.dtype)
-        return cpu_native.angular_terms_backward(coord, triplets, sectors, shifts,
-                                                 ANGULAR_ETA_PER_A2, ANGULAR_CUTOFF_A, COS_CLAMP,
-                                                 _ANGULAR_SCALE, d_g), None
+        return native_angular_terms_backward(coord, triplets, d_g), None
 
 
 class AevTerms(NamedTuple):
@@ -557,6 +579,15 @@ def _angular_plan(triplets: torch.Tensor, triplet_pair: torch.Tensor, n_pairs: i
                     triplets[1:]) if native else None
     return plan or _plan_for(lists, "angular", triplets[0], triplet_pair, n_pairs, n_atoms,
                              ANGULAR_ROW_WIDTH)
+
+
+def native_plans(nb, n_atoms: int) -> tuple[CsrPlan, CsrPlan] | None:
+    """The native sums' plans of ``nb``'s radial pairs and triplets (a ``Neighbors`` of n_atoms
+    atoms), as ``aev_terms`` makes them where ``native_wanted``; None where either list is not
+    sorted by centre. Needs the native kernels."""
+    plans = (_radial_plan(nb.radial, n_atoms, True),
+             _angular_plan(nb.triplets, nb.triplet_pair, nb.pairs.shape[1], n_atoms, True))
+    return plans if all(isinstance(p, CsrPlan) for p in plans) else None
 
 
 def _radial_rows(coord: torch.Tensor, pairs: torch.Tensor, plan) -> torch.Tensor:

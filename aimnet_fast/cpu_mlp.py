@@ -142,46 +142,67 @@ def mlp_steps(layers: nn.Sequential) -> tuple[Step, ...] | None:
     return steps
 
 
-class FirstOrderMLP(torch.autograd.Function):
-    """The MLP ``steps`` on x with frozen weights; backward gives the input's gradient only.
+class Tape(NamedTuple):
+    """What an MLP's input gradient needs of its forward (``forward_kept``): the steps, the row
+    blocks (``_blocks``) and the ELU outputs, block after block."""
+    steps: tuple[Step, ...]
+    blocks: list
+    elu_outputs: tuple[torch.Tensor, ...]
 
-    A float32 input goes through the layers block by block (``_blocks``), the large layers'
-    products by oneDNN (``_onednn_linear``); the rows left over, and every other input, by
+
+def forward_kept(x: torch.Tensor, steps: tuple[Step, ...]) -> tuple[torch.Tensor, Tape]:
+    """The MLP ``steps`` on x (M, in) → (M, out), with the ``Tape`` of its input gradient
+    (``input_grad``). No graph is recorded: call it with gradients off or inside an autograd
+    Function. A float32 input goes through the layers block by block (``_blocks``), the large
+    layers' products by oneDNN (``_onednn_linear``); the rows left over, and every other input, by
     ``addmm``. Rows are independent in an MLP, so blocks change only the order of summation."""
+    kept: list[torch.Tensor] = []
+    blocks, h = _in_blocks(x, steps, kept)
+    return h, Tape(steps, blocks, tuple(kept))
+
+
+def input_grad(tape: Tape, grad: torch.Tensor) -> torch.Tensor:
+    """d x (M, in) of ``forward_kept`` from d out (M, out), the weights frozen: each ELU's
+    derivative (out + 1 where out ≤ 0, from the kept output) written over the gradient its own
+    product has just made."""
+    n_elu = len(tape.elu_outputs) // len(tape.blocks)
+    outs = []
+    for k, (a, b, linear) in enumerate(tape.blocks):
+        g = grad if len(tape.blocks) == 1 else grad[a:b]
+        own = False  # whether g is a tensor made here (then safe to overwrite)
+        elu_outputs = list(tape.elu_outputs[k * n_elu:(k + 1) * n_elu])
+        for step in reversed(tape.steps):
+            if step.elu is not None:
+                out = elu_outputs.pop()
+                if own:
+                    torch.ops.aten.elu_backward.grad_input(g, step.elu.alpha, 1, 1, True, out,
+                                                          grad_input=g)
+                else:
+                    g = torch.ops.aten.elu_backward(g, step.elu.alpha, 1, 1, True, out)
+            if linear is None or step.weight.numel() < ONEDNN_MIN_WEIGHTS:
+                g = g.mm(step.weight)
+            else:
+                g = linear(g.contiguous(), _transposed(step.weight), None)
+            own = True
+        outs.append(g)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class FirstOrderMLP(torch.autograd.Function):
+    """The MLP ``steps`` on x with frozen weights (``forward_kept``); backward gives the input's
+    gradient only (``input_grad``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, steps: tuple[Step, ...]) -> torch.Tensor:
-        kept: list[torch.Tensor] = []
-        ctx.blocks, h = _in_blocks(x, steps, kept)
-        ctx.save_for_backward(*kept)
-        ctx.steps = steps
+        h, tape = forward_kept(x, steps)
+        ctx.save_for_backward(*tape.elu_outputs)
+        ctx.steps, ctx.blocks = steps, tape.blocks
         return h
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         refuse_double_backward("MLPs")
-        kept = list(ctx.saved_tensors)
-        n_elu = len(kept) // len(ctx.blocks)
-        outs = []
-        for k, (a, b, linear) in enumerate(ctx.blocks):
-            g = grad if len(ctx.blocks) == 1 else grad[a:b]
-            own = False  # whether g is a tensor this backward made (then safe to overwrite)
-            elu_outputs = kept[k * n_elu:(k + 1) * n_elu]
-            for step in reversed(ctx.steps):
-                if step.elu is not None:
-                    out = elu_outputs.pop()
-                    if own:
-                        torch.ops.aten.elu_backward.grad_input(g, step.elu.alpha, 1, 1, True, out,
-                                                              grad_input=g)
-                    else:
-                        g = torch.ops.aten.elu_backward(g, step.elu.alpha, 1, 1, True, out)
-                if linear is None or step.weight.numel() < ONEDNN_MIN_WEIGHTS:
-                    g = g.mm(step.weight)
-                else:
-                    g = linear(g.contiguous(), _transposed(step.weight), None)
-                own = True
-            outs.append(g)
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)), None
+        return input_grad(Tape(ctx.steps, ctx.blocks, ctx.saved_tensors), grad), None
 
 
 #: Weights transposed for oneDNN's dX = dY @ W, which takes W as (in, out): made once per weight
@@ -199,7 +220,7 @@ def _transposed(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _in_blocks(x: torch.Tensor, steps: tuple[Step, ...], kept: list[torch.Tensor] | None = None):
-    """The steps on x block by block (see ``FirstOrderMLP``); ``kept`` collects the ELU outputs,
+    """The steps on x block by block (see ``forward_kept``); ``kept`` collects the ELU outputs,
     block after block. Returns the blocks (``_blocks``) and the output."""
     n = x.shape[0]
     linear = (_onednn_linear() if n >= min(BLOCK_ROWS, *SMALL_BLOCKS) and x.dtype == torch.float32

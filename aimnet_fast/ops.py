@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from . import aev, cpu_aev, cpu_mlp, cpu_neighbors
+from . import aev, cpu_aev, cpu_forces, cpu_mlp, cpu_neighbors
 from . import neighbors as reference_neighbors
 from .errors import ConfigError
 
@@ -44,6 +44,10 @@ class Backend(NamedTuple):
     #: (coord, nb) -> the AEV terms that the T passes share, passed back to the contractions as
     #: ``terms=``; None for a backend that computes them inside its contractions (the kernels)
     aev_terms: Callable | None = None
+    #: (model, numbers, coord, mol_idx, n_mol, nb) -> the model's outputs with ``forces``, or None
+    #: where the backend has no such path for these inputs: energies and forces of a frozen model
+    #: without autograd (``energy_forces``); None for a backend without one
+    energy_forces: Callable | None = None
 
 
 def _sequential(x: torch.Tensor, layers: nn.Sequential, precision: str) -> torch.Tensor:
@@ -61,7 +65,7 @@ CPU = TORCH._replace(radial_contract=cpu_aev.radial_contract,
                      angular_contract=cpu_aev.angular_contract,
                      elu_mlp=cpu_mlp.elu_mlp, elu_mlp_cat=cpu_mlp.elu_mlp_cat,
                      build_neighbors=cpu_neighbors.build_neighbors,
-                     aev_terms=cpu_aev.aev_terms)
+                     aev_terms=cpu_aev.aev_terms, energy_forces=cpu_forces.energy_forces)
 
 #: Stands for the Triton backend until its first use: importing Triton and compiling nothing
 #: still costs ~0.3 s, which every CPU-only command (predict, evaluate, a CPU training run) paid.
@@ -168,6 +172,16 @@ def first_order():
     needs less memory (``cpu_mlp.first_order``); the other backends are unchanged. A double
     backward through those MLPs inside the block raises an error."""
     return cpu_mlp.first_order()
+
+
+def energy_forces(model: nn.Module, numbers: torch.Tensor, coord: torch.Tensor,
+                  mol_idx: torch.Tensor, n_mol: int, nb: reference_neighbors.Neighbors):
+    """The outputs of ``model(numbers, coord, mol_idx, n_mol, neighbors=nb, all_passes=False)``
+    with ``forces`` (N, 3) Hartree/Å = −d energy.sum() / d coord, where the model's backend
+    computes them without autograd for these inputs (the cpu backend: ``cpu_forces``, a frozen
+    model); None elsewhere: then take ``autograd.grad`` of the energy inside ``first_order()``."""
+    make = _impl(model.backend, coord).energy_forces
+    return None if make is None else make(model, numbers, coord, mol_idx, n_mol, nb)
 
 
 def build_neighbors(coord: torch.Tensor, mol_idx: torch.Tensor,

@@ -125,16 +125,25 @@ def _run_model(model: AIMNet, batch: Batch, forces: bool,
     elmoments (N,4), volumes (N,), for the heads the model has. ``neighbors``: the batch's list
     (on the model's device), if already built."""
     numbers, coord, mol_idx = _model_inputs(model, batch)
+    out = None
     if forces:
         if "energy" not in model.heads:
             raise PredictError("forces asked of a model without an energy head")
-        coord.requires_grad_(True)
-    with torch.set_grad_enabled(forces), ops.first_order():
-        out = model(numbers, coord, mol_idx, batch.n_mol, neighbors=neighbors, all_passes=False)
-        res = {}
-        if forces:
-            (grad,) = torch.autograd.grad(out["energy"].sum(), coord)
-            res["forces"] = -grad
+        if neighbors is None:
+            neighbors = ops.build_neighbors(coord, mol_idx, model.backend)
+        # without autograd where the backend can (the cpu backend: a small molecule's call is
+        # mostly autograd's bookkeeping otherwise)
+        out = ops.energy_forces(model, numbers, coord, mol_idx, batch.n_mol, neighbors)
+    if out is not None:
+        res = {"forces": out["forces"]}
+    else:
+        coord.requires_grad_(forces)
+        with torch.set_grad_enabled(forces), ops.first_order():
+            out = model(numbers, coord, mol_idx, batch.n_mol, neighbors=neighbors, all_passes=False)
+            res = {}
+            if forces:
+                (grad,) = torch.autograd.grad(out["energy"].sum(), coord)
+                res["forces"] = -grad
     for key in ("energy", "charges", "elmoments", "volumes"):
         if key in out:
             res[key] = out[key]

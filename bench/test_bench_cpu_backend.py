@@ -11,12 +11,12 @@ run are in bench/RESULTS.md with the command that gave them.
 import copy
 
 import pytest
-import torch
 
 import icount
 
 from aimnet_fast.batch import Batch
-from aimnet_fast.ops import build_neighbors, first_order
+from aimnet_fast.ops import build_neighbors
+from aimnet_fast.predict import predict_arrays
 from bench.synthetic import water_cluster
 
 FIGURES: list[str] = []
@@ -62,10 +62,7 @@ def test_predict_forces(benchmark, guard, models, s66_batch, backend):
     model = _frozen(models[backend])
 
     def run():
-        with first_order():  # as the predict command
-            c = b.coord.clone().requires_grad_(True)
-            e = model(b.numbers, c, b.mol_idx, b.n_mol, all_passes=False)["energy"]
-            return torch.autograd.grad(e.sum(), c)[0]
+        return predict_arrays(model, b, forces=True)
 
     guard.measure(benchmark, f"cpu_backend.predict_forces[{backend}]", run, rounds=3)
     _keep(benchmark, f"predict.{backend}", f"predict energy+forces, {b.n_atoms} atoms, {backend}")
@@ -81,10 +78,7 @@ def test_predict_forces_without_native_kernels(benchmark, guard, models, s66_bat
     model = _frozen(models["cpu"])
 
     def run():
-        with first_order():
-            c = b.coord.clone().requires_grad_(True)
-            e = model(b.numbers, c, b.mol_idx, b.n_mol, all_passes=False)["energy"]
-            return torch.autograd.grad(e.sum(), c)[0]
+        return predict_arrays(model, b, forces=True)
 
     guard.measure(benchmark, "cpu_backend.predict_forces[cpu, torch code]", run, rounds=3)
     _keep(benchmark, "predict.cpu_torch_code",
@@ -92,15 +86,13 @@ def test_predict_forces_without_native_kernels(benchmark, guard, models, s66_bat
 
 
 def test_predict_forward_only(benchmark, guard, models, s66_batch):
-    """The forward of ``test_predict_forces[cpu]`` alone (graph kept for forces), so that the
-    backward's share is the difference: goal backward ≤ 1.2 × forward."""
+    """``test_predict_forces[cpu]`` without forces (the forward alone), so that the backward's
+    share is the difference: goal backward ≤ 1.2 × forward."""
     b = s66_batch
     model = _frozen(models["cpu"])
 
     def run():
-        with first_order():
-            c = b.coord.clone().requires_grad_(True)
-            return model(b.numbers, c, b.mol_idx, b.n_mol, all_passes=False)["energy"]
+        return predict_arrays(model, b, forces=False)
 
     guard.measure(benchmark, "cpu_backend.predict_forward[cpu]", run, rounds=3)
     _keep(benchmark, "forward.cpu", f"predict forward only, {b.n_atoms} atoms, cpu")
@@ -159,12 +151,8 @@ def test_predict_cost_per_atom(benchmark, guard, models, n_water):
     b = Batch.from_molecules([(numbers, coord)])
     model = _frozen(models["cpu"])
 
-    def run():
-        with first_order():  # as the predict command
-            c = b.coord.clone().requires_grad_(True)
-            nb = build_neighbors(c, b.mol_idx, "cpu")
-            e = model(b.numbers, c, b.mol_idx, 1, neighbors=nb, all_passes=False)["energy"]
-            return torch.autograd.grad(e.sum(), c)[0]
+    def run():  # as the predict command: one neighbor search, then energy and forces
+        return predict_arrays(model, b, forces=True, neighbors=build_neighbors(b.coord, b.mol_idx))
 
     inner = max(1, 600 // b.n_atoms)
     big = n_water > 1000  # 20,001 atoms: ~25 s a call on one thread
@@ -193,11 +181,8 @@ def test_cost_per_atom_flat(benchmark, models):
         b = Batch.from_molecules([(numbers, coord)])
 
         def run(b=b):
-            with first_order():
-                c = b.coord.clone().requires_grad_(True)
-                nb = build_neighbors(c, b.mol_idx, "cpu")
-                e = model(b.numbers, c, b.mol_idx, 1, neighbors=nb, all_passes=False)["energy"]
-                return torch.autograd.grad(e.sum(), c)[0]
+            return predict_arrays(model, b, forces=True,
+                                  neighbors=build_neighbors(b.coord, b.mol_idx))
         sizes.append((b.n_atoms, run, max(1, 600 // b.n_atoms)))
     rounds = 1 if benchmark.disabled else 9
     costs: list[dict[int, float]] = []

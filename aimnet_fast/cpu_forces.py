@@ -21,8 +21,10 @@ at 1e-10 and against the original's outputs.
 
 It runs where ``energy_forces`` finds everything it was written for; otherwise it returns None
 and the caller takes the autograd path. That means: CPU coordinates in float32 or float64, the
-native kernels built, weights that need no gradient, the released architecture (an energy head,
-Linear–ELU MLPs, 16 features), and neighbor lists sorted by centre.
+native kernels built, weights of the coordinates' dtype that need no gradient, the released
+architecture (an energy head, Linear–ELU MLPs, 16 features), and neighbor lists sorted by centre.
+The first pass's pair features, a table by element pair, are kept per model while its weights
+are unchanged.
 
 Units: coord Å; energy Hartree; forces Hartree/Å.
 """
@@ -34,6 +36,7 @@ import torch
 
 from . import cpu_aev, cpu_mlp, cpu_native
 from .constants import ENERGY_SCALE_HA
+from .index_memo import IndexMemo
 
 
 class _Pass(NamedTuple):
@@ -49,21 +52,49 @@ class _Pass(NamedTuple):
     afv_k: torch.Tensor | None = None
 
 
-def _steps(model) -> dict | None:
-    """The model's MLPs as ``cpu_mlp`` steps by name; None where any is not Linear–ELU."""
-    names = {"embedding": model.embedding_mlp, "update": model.update_mlp,
-             "combine": model.combine_mlp, "interact": model.interact_mlp,
-             "energy": model.heads["energy"]}
-    out = {k: cpu_mlp.mlp_steps(v) for k, v in names.items()}
-    return None if any(v is None for v in out.values()) else out
+def _steps(model, dtype: torch.dtype) -> dict | None:
+    """The model's MLPs as ``cpu_mlp`` steps by name, where each is Linear–ELU with frozen weights
+    of ``dtype``; else None."""
+    out = {"embedding": cpu_mlp.mlp_steps(model.embedding_mlp),
+           "update": cpu_mlp.mlp_steps(model.update_mlp),
+           "combine": cpu_mlp.mlp_steps(model.combine_mlp),
+           "interact": cpu_mlp.mlp_steps(model.interact_mlp),
+           "energy": cpu_mlp.mlp_steps(model.heads["energy"])}
+    for steps in out.values():
+        if steps is None:
+            return None
+        for s in steps:
+            for p in (s.weight, s.bias):
+                if p is not None and (p.requires_grad or p.dtype != dtype):
+                    return None
+    return out
 
 
 def _runs_here(model, coord: torch.Tensor) -> bool:
+    # the other heads run with gradients off (``AIMNet.heads_output``): any weights will do
     return (coord.device.type == "cpu" and coord.dtype in (torch.float32, torch.float64)
             and "energy" in model.heads and model.afv_table.shape[1] == cpu_native.WIDTH
-            and cpu_native.library() is not None
-            and not any(p.requires_grad for p in model.parameters())
-            and all(p.dtype == coord.dtype for p in model.parameters()))
+            and not model.afv_table.requires_grad and model.afv_table.dtype == coord.dtype
+            and cpu_native.library() is not None)
+
+
+#: The first pass's pair features by element pair, (elements², 16), per model: they depend on
+#: the AFV table and the pair MLP's weights alone (kept while those are unchanged).
+_PAIR_TABLES = IndexMemo()
+
+
+def _pair_table(model, steps: dict) -> torch.Tensor:
+    """``combine_mlp([t_a + t_b, t_a ⊙ t_b])`` for every element pair (a, b) of the AFV table t,
+    row a · elements + b, as ``AIMNet.forward`` makes it."""
+    key = (model.afv_table, *(p for s in steps["combine"] for p in (s.weight, s.bias)
+                              if p is not None))
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        t = model.afv_table
+        n_el = t.shape[0]
+        table = _PAIR_TABLES.put(key, model.pair_features(t.repeat_interleave(n_el, 0),
+                                                          t.repeat(n_el, 1)))
+    return table
 
 
 def energy_forces(model, numbers: torch.Tensor, coord: torch.Tensor, mol_idx: torch.Tensor,
@@ -73,9 +104,8 @@ def energy_forces(model, numbers: torch.Tensor, coord: torch.Tensor, mol_idx: to
     (see the module's docstring). coord (N, 3) Å; ``nb`` the ``Neighbors`` at coord."""
     if not _runs_here(model, coord):
         return None
-    steps = _steps(model)
-    n = coord.shape[0]
-    plans = cpu_aev.native_plans(nb, n) if steps is not None else None
+    steps = _steps(model, coord.dtype)
+    plans = cpu_aev.native_plans(nb, coord.shape[0]) if steps is not None else None
     if plans is None:
         return None
     with torch.no_grad():
@@ -98,11 +128,9 @@ def _forward(model, steps: dict, species: torch.Tensor, coord: torch.Tensor, nb,
     g_r = cpu_aev.native_radial_terms(coord, nb.radial)
     g_a = cpu_aev.native_angular_terms(coord, nb.triplets)
     # the first pass's features depend on the elements alone, as in AIMNet.forward
-    table_afv = model.afv_table
-    n_el = table_afv.shape[0]
-    table = model.pair_features(table_afv.repeat_interleave(n_el, 0), table_afv.repeat(n_el, 1))
-    afv = table_afv[species]
-    pair_feat = table[species[j] * n_el + species[k]]
+    n_el = model.afv_table.shape[0]
+    afv = model.afv_table[species]
+    pair_feat = _pair_table(model, steps)[species[j] * n_el + species[k]]
     passes: list[_Pass] = []
     e = None
     for p in range(model.n_pass):
@@ -122,7 +150,9 @@ def _forward(model, steps: dict, species: torch.Tensor, coord: torch.Tensor, nb,
 
 def _coord_grad(steps: dict, coord: torch.Tensor, nb, plans, aim: torch.Tensor, kept,
                 g_r: torch.Tensor, g_a: torch.Tensor) -> torch.Tensor:
-    """d energy.sum() / d coord (N, 3) Hartree/Å from what ``_forward`` kept."""
+    """d energy.sum() / d coord (N, 3) Hartree/Å from what ``_forward`` kept. Each pass's
+    tensors are let go as soon as its backward has read them: a large molecule's peak memory is
+    the forward's."""
     (plan_r, plan_a), (j, k) = plans, nb.pairs
     passes, interact = kept
     n, width = aim.shape[0], cpu_native.WIDTH
@@ -132,30 +162,34 @@ def _coord_grad(steps: dict, coord: torch.Tensor, nb, plans, aim: torch.Tensor, 
     d_in = cpu_mlp.input_grad(interact, d_aim)
     n_e = d_in.shape[1] - width
     d_e, d_afv = d_in[:, :n_e], d_in[:, n_e:].clone()  # added to in place below
-    d_g_r = d_g_a = None
+    del d_in, d_aim
+    # the terms' gradients, summed over the passes by the centre sums' backwards
+    d_g_r, d_g_a = torch.zeros_like(g_r), torch.zeros_like(g_a)
     n_r = g_r.shape[1] * width
-    for p in reversed(range(len(passes))):
-        ps = passes[p]
+    while passes:
+        ps = passes.pop()
+        later = bool(passes)  # the first pass's features are constants
         d_x = cpu_mlp.input_grad(ps.embedding, d_e)
-        later = p > 0  # the first pass's features are constants
-        dg_r, d_afv_r = cpu_native.centre_sum_backward(
+        _, d_afv_r = cpu_native.centre_sum_backward(
             g_r, ps.afv, plan_r.ptr, plan_r.feat_index, d_x[:, :n_r].unflatten(1, (-1, width)),
-            True, later)
-        dg_a, d_pair = cpu_native.centre_sum_backward(
+            True, later, into=d_g_r)
+        _, d_pair = cpu_native.centre_sum_backward(
             g_a, ps.pair_feat, plan_a.ptr, plan_a.feat_index,
-            d_x[:, n_r:].unflatten(1, (-1, width)), True, later)
-        d_g_r = dg_r if d_g_r is None else d_g_r.add_(dg_r)
-        d_g_a = dg_a if d_g_a is None else d_g_a.add_(dg_a)
+            d_x[:, n_r:].unflatten(1, (-1, width)), True, later, into=d_g_a)
+        del d_x, d_e
         if not later:
             break
         d_afv += d_afv_r
         # p = combine([a_j + a_k, a_j ⊙ a_k])
         d_c = cpu_mlp.input_grad(ps.combine, d_pair)
+        del d_pair
         d_sum, d_prod = d_c[:, :width], d_c[:, width:]
         d_afv.index_add_(0, j, d_sum + d_prod * ps.afv_k)
         d_afv.index_add_(0, k, d_sum + d_prod * ps.afv_j)
+        del d_c, d_sum, d_prod
         # a ← a + update([e, a]) of the pass before
         d_u = cpu_mlp.input_grad(ps.update, d_afv)
+        del ps
         d_e = d_u[:, :n_e]
         d_afv += d_u[:, n_e:]
     return (cpu_aev.native_radial_terms_backward(coord, nb.radial, d_g_r)

@@ -205,6 +205,130 @@ void elu_f32(float *restrict x, int64_t n, float alpha)
     }
 }
 
+/* Matrix products of the MLPs at few rows (float): out (M x N) = x (M x K) @ B (+ bias).
+ *
+ * Why: a small molecule's MLP products have as many rows as it has atoms (21 for a water
+ * heptamer), where MKL ran at ~65 % of its speed at 512 rows: it packs the weights anew at every
+ * call and its tiles fit 21 rows badly. Here B is packed once per weight (panels of 32 columns,
+ * packed[p][k][0..31], zeros past N) and each tile of MATMUL_ROWS rows x 32 columns keeps its
+ * sums in vector registers while the panel streams past: 1.5x MKL's speed at 21 rows on the
+ * 2-core AMD CPU (bench/RESULTS.md). Each output is one tile's sum in k order, whatever the
+ * number of threads. */
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16_unaligned __attribute__((vector_size(64), aligned(4)));
+#define MATMUL_PANEL 32
+#ifdef __AVX512F__
+#  define MATMUL_ROWS 7   /* 14 accumulators + 2 panel vectors of the 32 zmm registers */
+#else
+#  define MATMUL_ROWS 3   /* 16 ymm (AVX2) or 32 128-bit (NEON) registers */
+#endif
+/* rows of x a thread's tiles take before the next panel: x's block stays in L2 */
+#define MATMUL_BLOCK_ROWS (8 * MATMUL_ROWS)
+#define PARALLEL_MIN_PRODUCTS (1 << 21)
+/* k steps summed in registers before they are added to the output: sums of MATMUL_DEPTH
+ * products then of the partial sums, nearer MKL's rounding than one sum over all k */
+#define MATMUL_DEPTH 128
+
+/* packed (ceil(N / 32), K, 32) from B[k][n] = b[k * stride_k + n * stride_n] (K x N) */
+void pack_panels_f32(const float *b, int64_t K, int64_t N, int64_t stride_k, int64_t stride_n,
+                     float *packed)
+{
+    int64_t n_panels = (N + MATMUL_PANEL - 1) / MATMUL_PANEL;
+    for (int64_t p = 0; p < n_panels; ++p)
+        for (int64_t k = 0; k < K; ++k)
+            for (int64_t j = 0; j < MATMUL_PANEL; ++j) {
+                int64_t n = p * MATMUL_PANEL + j;
+                packed[(p * K + k) * MATMUL_PANEL + j] = n < N ? b[k * stride_k + n * stride_n] : 0.0f;
+            }
+}
+
+/* ELU (alpha) of the 32 values at o, in place: as elu_f32 */
+static inline void elu_32(float *o, float alpha)
+{
+    for (int j = 0; j < MATMUL_PANEL; ++j) {
+        float v = o[j];
+        float e = alpha * expm1_nonpositive(v < 0.0f ? v : 0.0f);
+        o[j] = v < 0.0f ? e : v;
+    }
+}
+
+/* one tile: `rows` (<= MATMUL_ROWS) rows of x by one panel over k in [k0, k1); `cols` (<= 32)
+ * columns stored, the sums added to out unless `first` (then bias added, if any); `elu`: the
+ * last k range, so the ELU (alpha) of the finished sums is stored */
+static inline void matmul_tile(const float *x, int64_t ldx, int rows, int64_t k0, int64_t k1,
+                               const float *panel, const float *bias, int first, int elu,
+                               float alpha, float *out, int64_t ldo, int cols)
+{
+    f32x16 acc[MATMUL_ROWS][2];
+    for (int r = 0; r < MATMUL_ROWS; ++r) acc[r][0] = acc[r][1] = (f32x16){0};
+    if (rows == MATMUL_ROWS) {
+        for (int64_t k = k0; k < k1; ++k) {
+            f32x16 b0 = *(const f32x16_unaligned *)(panel + k * MATMUL_PANEL);
+            f32x16 b1 = *(const f32x16_unaligned *)(panel + k * MATMUL_PANEL + 16);
+            #pragma GCC unroll 8
+            for (int r = 0; r < MATMUL_ROWS; ++r) {
+                float a = x[r * ldx + k];
+                acc[r][0] += a * b0;
+                acc[r][1] += a * b1;
+            }
+        }
+    } else {
+        for (int64_t k = k0; k < k1; ++k) {
+            f32x16 b0 = *(const f32x16_unaligned *)(panel + k * MATMUL_PANEL);
+            f32x16 b1 = *(const f32x16_unaligned *)(panel + k * MATMUL_PANEL + 16);
+            for (int r = 0; r < rows; ++r) {
+                float a = x[r * ldx + k];
+                acc[r][0] += a * b0;
+                acc[r][1] += a * b1;
+            }
+        }
+    }
+    for (int r = 0; r < rows; ++r) {
+        float *o = out + r * ldo;
+        float sums[MATMUL_PANEL];
+        f32x16 lo = acc[r][0], hi = acc[r][1];
+        if (!first) {  /* cols of o are ours; the rest of the 32 are not read */
+            float before[MATMUL_PANEL] = {0};
+            memcpy(before, o, (size_t)cols * sizeof(float));
+            lo += *(const f32x16_unaligned *)before;
+            hi += *(const f32x16_unaligned *)(before + 16);
+        } else if (bias) {
+            float b[MATMUL_PANEL] = {0};
+            memcpy(b, bias, (size_t)cols * sizeof(float));
+            lo += *(const f32x16_unaligned *)b;
+            hi += *(const f32x16_unaligned *)(b + 16);
+        }
+        memcpy(sums, &lo, sizeof lo);
+        memcpy(sums + 16, &hi, sizeof hi);
+        if (elu) elu_32(sums, alpha);
+        memcpy(o, sums, (size_t)cols * sizeof(float));
+    }
+}
+
+/* out (M x N, rows ldo apart) = x (M x K, rows ldx apart, columns adjacent) @ B + bias (N, or
+ * NULL), B packed by pack_panels_f32; then out = ELU(out) with alpha where `elu` */
+void matmul_f32(const float *x, int64_t M, int64_t K, int64_t ldx, const float *packed, int64_t N,
+                const float *bias, int64_t elu, float alpha, float *out, int64_t ldo)
+{
+    int64_t n_panels = (N + MATMUL_PANEL - 1) / MATMUL_PANEL;
+    int64_t n_blocks = (M + MATMUL_BLOCK_ROWS - 1) / MATMUL_BLOCK_ROWS;
+    #pragma omp parallel for schedule(static) if (M * N * K >= PARALLEL_MIN_PRODUCTS)
+    for (int64_t item = 0; item < n_blocks * n_panels; ++item) {
+        int64_t block = item / n_panels, p = item % n_panels;
+        int64_t m_end = (block + 1) * MATMUL_BLOCK_ROWS < M ? (block + 1) * MATMUL_BLOCK_ROWS : M;
+        int cols = (int)(N - p * MATMUL_PANEL < MATMUL_PANEL ? N - p * MATMUL_PANEL : MATMUL_PANEL);
+        for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += MATMUL_DEPTH) {
+            int64_t k1 = k0 + MATMUL_DEPTH < K ? k0 + MATMUL_DEPTH : K;
+            for (int64_t m = block * MATMUL_BLOCK_ROWS; m < m_end; m += MATMUL_ROWS) {
+                int rows = (int)(m_end - m < MATMUL_ROWS ? m_end - m : MATMUL_ROWS);
+                matmul_tile(x + m * ldx, ldx, rows, k0, k1, packed + p * K * MATMUL_PANEL,
+                            bias ? bias + p * MATMUL_PANEL : NULL, k0 == 0, elu && k1 == K,
+                            alpha, out + m * ldo + p * MATMUL_PANEL, ldo, cols);
+            }
+        }
+    }
+}
+
 #else
 
 /* 16 features of one row: one AVX-512 register in float, two in double (GCC and Clang vectors) */
@@ -256,7 +380,7 @@ void KERNEL(centre_sum_backward)(const REAL *terms, int64_t C, const REAL *feat,
                                  int64_t n_feat_rows, const int64_t *ptr,
                                  const int64_t *feat_index, int64_t n_atoms,
                                  const REAL *d_out, int64_t d_out_stride, REAL *d_terms,
-                                 int64_t st, int64_t sc, REAL *d_feat)
+                                 int64_t st, int64_t sc, int64_t add_terms, REAL *d_feat)
 {
     int64_t n_terms = ptr[n_atoms];
     if (d_terms) {
@@ -272,8 +396,13 @@ void KERNEL(centre_sum_backward)(const REAL *terms, int64_t C, const REAL *feat,
                     VEC s = p[0] * dt[0];
                     for (int f = 1; f < 16; ++f) s += p[f] * dt[f];
                     REAL *row = d_terms + t * st + c0 * sc;
-                    if (sc == 1) memcpy(row, &s, sizeof s);
-                    else for (int c = 0; c < 16; ++c) row[c * sc] = s[c];
+                    if (add_terms) {
+                        for (int c = 0; c < 16; ++c) row[c * sc] += s[c];
+                    } else if (sc == 1) {
+                        memcpy(row, &s, sizeof s);
+                    } else {
+                        for (int c = 0; c < 16; ++c) row[c * sc] = s[c];
+                    }
                 }
             }
         }

@@ -1,10 +1,13 @@
 """The fast CPU backend's native kernels (``cpu_native.c``): the centre sum of the AEV
-contractions and its backward, in C compiled on first use by the machine's C compiler.
+contractions and its backward, the AEV terms, the ELU and the MLPs' matrix products at few rows,
+in C compiled on first use by the machine's C compiler.
 
 Why: torch composes the centre sum from gathers, padded rows, batched 16 × 16 products and an
 ``index_add``, each a pass over memory; the C loop keeps an atom's 16 × 16 sums in vector
 registers while its terms stream past (an S66x8 batch's angular sum with its backward: 2.5 ms
-against 10.6 ms through torch, bench/RESULTS.md).
+against 10.6 ms through torch, bench/RESULTS.md). The products (``matmul``) take weights packed
+once (``pack_panels``): MKL packs them again at every call, which at a small molecule's 21 rows
+cost it a third of its speed.
 
 The library is built once per machine and source into a cache directory (``AIMNET_FAST_CACHE``,
 else ``$XDG_CACHE_HOME/aimnet_fast``, else ``~/.cache/aimnet_fast``) with ``-O3 -march=native``,
@@ -47,7 +50,8 @@ _empty = torch.empty
 
 _FUNCTIONS = {
     "centre_sum": ("p", "i", "p", "p", "p", "i", "p"),
-    "centre_sum_backward": ("p", "i", "p", "i", "p", "p", "i", "p", "i", "p", "i", "i", "p"),
+    "centre_sum_backward": ("p", "i", "p", "i", "p", "p", "i", "p", "i", "p", "i", "i", "i",
+                            "p"),
     "radial_terms": ("p", "p", "i", "p", "r", "r", "r", "p"),
     "radial_terms_backward": ("p", "i", "p", "i", "p", "r", "r", "r", "p", "i", "i", "p"),
     "angular_terms": ("p", "p", "i", "p", "p", "r", "r", "r", "r", "p"),
@@ -56,7 +60,9 @@ _FUNCTIONS = {
 _OTHERS = {"elu_f32": (("p", "i", "f"), None), "csr_offsets": (("p", "i", "i", "p"), "i"),
            "out_of_range": (("p", "i", "i"), "i"), "triplet_count": (("p", "i"), "i"),
            "triplets_from_pairs": (("p", "i", "p", "i"), None),
-           "unique_pairs": (("p", "i", "i", "p", "p", "p"), "i")}
+           "unique_pairs": (("p", "i", "i", "p", "p", "p"), "i"),
+           "pack_panels_f32": (("p", "i", "i", "i", "i", "p"), None),
+           "matmul_f32": (("p", "i", "i", "i", "p", "i", "p", "i", "f", "p", "i"), None)}
 _SUFFIX = {torch.float32: "_f32", torch.float64: "_f64"}
 
 
@@ -190,15 +196,23 @@ def centre_sum(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tensor,
 def centre_sum_backward(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tensor,
                         feat_index: torch.Tensor, grad_out: torch.Tensor, need_terms: bool,
                         need_feat: bool, by_channel: bool = False,
+                        into: torch.Tensor | None = None,
                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """d terms (T, C) and d feat (K, 16) of ``centre_sum`` from d out (N, C, 16), each None when
-    not needed. ``by_channel``: d terms as the transposed view of a contiguous (C, T) tensor."""
+    not needed. ``by_channel``: d terms as the transposed view of a contiguous (C, T) tensor.
+    ``into``: d terms are added to this (T, C) tensor (any strides), which is returned, instead
+    of written to a new one (several passes' sums without a tensor each)."""
     terms, feat = terms.contiguous(), feat.contiguous()
     n_atoms, (T, C) = ptr.numel() - 1, terms.shape
     if grad_out.stride()[1:] != (WIDTH, 1):  # atoms may lie apart: no copy for a column slice
         grad_out = grad_out.contiguous()
     d_terms = None
-    if need_terms:
+    if into is not None:
+        if not need_terms or into.shape != terms.shape or into.dtype != terms.dtype:
+            raise ValueError(f"centre_sum_backward: into {tuple(into.shape)} {into.dtype} for "
+                             f"terms {tuple(terms.shape)} {terms.dtype}")
+        d_terms = into
+    elif need_terms:
         d_terms = _empty(C, T, dtype=terms.dtype).t() if by_channel \
             else _empty(T, C, dtype=terms.dtype)
     if not need_feat and d_terms is None:
@@ -206,7 +220,7 @@ def centre_sum_backward(terms: torch.Tensor, feat: torch.Tensor, ptr: torch.Tens
     d_feat = torch.zeros(feat.shape, dtype=feat.dtype) if need_feat else None
     st, sc = d_terms.stride() if d_terms is not None else (0, 0)
     _call("centre_sum_backward" + _SUFFIX[terms.dtype], terms, C, feat, feat.shape[0], ptr,
-          feat_index, n_atoms, grad_out, grad_out.stride(0), d_terms, st, sc,
+          feat_index, n_atoms, grad_out, grad_out.stride(0), d_terms, st, sc, into is not None,
           d_feat)  # None: NULL, not computed
     return d_terms, d_feat
 
@@ -292,6 +306,36 @@ def triplets_and_pairs(angular: torch.Tensor, n_atoms: int
     triplet_pair = _empty(n, dtype=torch.int64)
     q = _call("unique_pairs", triplets, n, n_atoms, work, out, triplet_pair)
     return triplets, out[:, :q].contiguous(), triplet_pair
+
+
+#: Columns per panel of ``pack_panels``.
+PANEL = 32
+
+
+def pack_panels(b: torch.Tensor) -> torch.Tensor:
+    """B (K, N) float32, any strides, packed for ``matmul``: (ceil(N / 32), K, 32), zeros past
+    column N."""
+    K, N = b.shape
+    packed = _empty(-(-N // PANEL), K, PANEL, dtype=torch.float32)
+    _call("pack_panels_f32", b, K, N, *b.stride(), packed)
+    return packed
+
+
+def matmul(x: torch.Tensor, packed: torch.Tensor, n: int, bias: torch.Tensor | None = None,
+           elu_alpha: float | None = None) -> torch.Tensor:
+    """x (M, K) float32 (rows any distance apart) @ B (K, n) (+ bias (n,)) → (M, n), B as
+    ``pack_panels(B)`` gave it; then the ELU with ``elu_alpha`` (as ``elu_``) where given."""
+    if x.stride(1) != 1 or x.stride(0) < x.shape[1]:
+        x = x.contiguous()
+    M, K = x.shape
+    if packed.shape[1] != K or packed.shape[0] * PANEL < n or (bias is not None and (
+            bias.shape != (n,) or not bias.is_contiguous())):
+        raise ValueError(f"matmul: x {tuple(x.shape)}, packed {tuple(packed.shape)}, n {n}, "
+                         f"bias {None if bias is None else tuple(bias.shape)}")
+    out = _empty(M, n, dtype=torch.float32)
+    _call("matmul_f32", x, M, K, max(x.stride(0), 1), packed, n, bias, elu_alpha is not None,
+          0.0 if elu_alpha is None else elu_alpha, out, n)
+    return out
 
 
 def elu_(x: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -156,3 +156,17 @@ def test_the_predict_command_takes_this_path(released_models, reference_molecule
     want = predict_arrays([model], b, forces=True)
     for k in want:
         assert abs(got[k] - want[k]).max() < 1e-10, k
+
+
+def test_the_kept_pair_table_follows_weights_changed_in_place():
+    """The first pass's pair features are kept per model; weights changed in place (an optimizer
+    step, a loaded state dict) make them anew: the outputs then equal the changed model's."""
+    model = _frozen(AIMNet(), "cpu")
+    args = _random_batch(4)
+    first = _by_hand(model, *args)
+    with torch.no_grad():
+        model.combine_mlp[0].weight.mul_(1.3)
+        model.afv_table.add_(0.1)
+    changed = _by_hand(model, *args)
+    assert (changed["energy"] - first["energy"]).abs().max() > 1e-5
+    _assert_close(changed, _by_autograd(_frozen(model, "torch"), *args), 1e-10)

@@ -399,3 +399,134 @@ def test_native_sums_on_several_threads_equal_the_reference(which, poisoned, nat
     finally:
         torch.set_num_threads(threads)
     assert native_calls == {"forward": 2, "backward": 2}
+
+
+# -- the matrix products of the MLPs at few rows ---------------------------------------------------
+def _matmul_bound(x, b, bias):
+    """|error| of a float32 sum of K products in blocks of 128 (then of the block sums): at most
+    (min(K, 128) + K / 128 + 2) float32 roundings of Σ_k |x_mk b_kn| + |bias_n| (Higham's bound)."""
+    K = x.shape[1]
+    scale = x.double().abs() @ b.double().abs()
+    if bias is not None:
+        scale = scale + bias.double().abs()
+    return (min(K, 128) + K / 128 + 2) * 2.0 ** -24 * scale + 1e-30
+
+
+@needs_compiler
+@pytest.mark.parametrize("M", [0, 1, 6, 7, 8, 21, 57, 130])
+@pytest.mark.parametrize("K, N", [(0, 32), (1, 16), (17, 5), (128, 48), (129, 272), (300, 32),
+                                  (768, 512)])
+def test_matmul_equals_float64(M, K, N, poisoned):
+    """x @ B + bias, then the ELU, against float64 within the float32 rounding bound of the sums,
+    for every remainder of the tiles (rows by 7 or 3, columns by 32, k by 128), x with rows
+    apart (a column slice), B packed from a transposed view (Wᵀ, the forward's) and from W (the
+    backward's), outputs filled with NaN first."""
+    g = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
+    x = torch.randn(M, K + 3, generator=g)[:, 1:K + 1]   # rows K + 3 apart
+    w = torch.randn(N, K, generator=g)
+    bias = torch.randn(N, generator=g)
+    for b, packed in ((w.t(), cpu_native.pack_panels(w.t())), (w.t().contiguous(), None)):
+        packed = cpu_native.pack_panels(b) if packed is None else packed
+        assert packed.shape == (-(-N // 32), K, 32)
+        want = x.double() @ b.double()
+        for with_bias in (None, bias):
+            bound = _matmul_bound(x, b, with_bias)
+            ref = want + (0 if with_bias is None else with_bias.double())
+            got = cpu_native.matmul(x, packed, N, with_bias)
+            assert got.shape == (M, N) and not got.isnan().any()
+            assert ((got.double() - ref).abs() <= bound).all()
+            elu = cpu_native.matmul(x, packed, N, with_bias, elu_alpha=1.0)
+            ref_elu = torch.nn.functional.elu(ref)   # 1-Lipschitz: the same bound, plus an ulp
+            assert ((elu.double() - ref_elu).abs() <= bound + 2.0 ** -23 * ref_elu.abs()).all()
+
+
+@needs_compiler
+def test_matmul_is_the_same_on_one_and_two_threads():
+    """Above the parallel threshold every output is still one tile's sum in k order: the same
+    bits on one thread and on two."""
+    g = torch.Generator().manual_seed(5)
+    x, w, bias = torch.randn(300, 768, generator=g), torch.randn(512, 768, generator=g), \
+        torch.randn(512, generator=g)
+    packed = cpu_native.pack_panels(w.t())
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(cpu_native.matmul(x, packed, 512, bias, elu_alpha=1.0))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+
+
+@needs_compiler
+def test_matmul_refuses_what_does_not_fit():
+    packed = cpu_native.pack_panels(torch.randn(8, 40))
+    with pytest.raises(ValueError):
+        cpu_native.matmul(torch.randn(3, 9), packed, 40)          # K 9 against 8
+    with pytest.raises(ValueError):
+        cpu_native.matmul(torch.randn(3, 8), packed, 65)          # 65 columns from 2 panels
+    with pytest.raises(ValueError):
+        cpu_native.matmul(torch.randn(3, 8), packed, 40, torch.randn(41))
+
+
+@needs_compiler
+def test_mlp_products_at_few_rows_are_native_and_equal_float64(released_models, monkeypatch):
+    """The embedding MLP of the released model on 21 rows inside first_order(): its large
+    layers' products by ``cpu_native.matmul`` (ELU in the epilogue), values and input gradient
+    as close to the float64 ``nn.Sequential`` as torch's float32 products are (×2)."""
+    import copy
+    from aimnet_fast import cpu_mlp
+    net = copy.deepcopy(released_models[0].embedding_mlp).requires_grad_(False)
+    calls = []
+    real = cpu_native.matmul
+    monkeypatch.setattr(cpu_native, "matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(4)
+    x, gy = torch.randn(21, 768, generator=g), torch.randn(21, 256, generator=g)
+    x64 = x.double().requires_grad_(True)
+    net64 = copy.deepcopy(net).double()
+    ref_y = net64(x64)
+    (ref_g,) = torch.autograd.grad(ref_y, x64, gy.double())
+
+    def run():
+        xx = x.clone().requires_grad_(True)
+        with first_order():
+            y = cpu_mlp.elu_mlp(xx, net)
+            return y.detach(), torch.autograd.grad(y, xx, gy)[0]
+
+    y, gx = run()
+    assert len(calls) == 6   # three layers forward, three backward
+    monkeypatch.setattr(cpu_mlp, "_native_product", lambda *a: False)
+    y_mkl, g_mkl = run()
+    for got, other, want in ((y, y_mkl, ref_y.detach()), (gx, g_mkl, ref_g)):
+        err = float((got.double() - want).abs().max())
+        assert err <= 2 * float((other.double() - want).abs().max()) + 1e-7, err
+
+
+@needs_compiler
+def test_products_never_read_a_stale_copy_of_the_weights():
+    """Weights trained by torch's fused Adam (which counts no version) and frozen weights changed
+    in place: the next no-grad forward equals the ``nn.Sequential`` as it is now."""
+    from aimnet_fast import cpu_mlp
+    from aimnet_fast.model import build_elu_mlp
+    torch.manual_seed(6)
+    net = build_elu_mlp([768, 512, 256, 256], last_activation=True)
+    x = torch.randn(21, 768)
+    with torch.no_grad():
+        cpu_mlp.elu_mlp(x, net)
+    net(x).square().sum().backward()
+    torch.optim.Adam(net.parameters(), lr=0.05, fused=True).step()
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_mlp.elu_mlp(x, net), net(x), rtol=1e-5, atol=1e-5)
+    net.requires_grad_(False)
+    calls = []
+    real = cpu_native.matmul
+    try:
+        cpu_native.matmul = lambda *a, **k: calls.append(1) or real(*a, **k)
+        with torch.no_grad():
+            cpu_mlp.elu_mlp(x, net)                       # frozen: packed, kept
+            net[0].weight.mul_(0.5)                        # an in-place change counts a version
+            torch.testing.assert_close(cpu_mlp.elu_mlp(x, net), net(x), rtol=1e-5, atol=1e-5)
+    finally:
+        cpu_native.matmul = real
+    assert calls

@@ -155,7 +155,16 @@ def test_predict_cost_per_atom(benchmark, guard, models, n_water):
         return predict_arrays(model, b, forces=True, neighbors=build_neighbors(b.coord, b.mol_idx))
 
     inner = max(1, 600 // b.n_atoms)
-    big = n_water > 1000  # 20,001 atoms: ~25 s a call on one thread
+    big = n_water > 1000  # 20,001 atoms: ~5 s a call on one thread
+    if big and not benchmark.disabled:
+        # the first call pays the page faults of ~2.7 GB of fresh memory; the round after is warm
+        import time
+        t = time.perf_counter()
+        run()
+        first = time.perf_counter() - t
+        MEDIANS["first_call.per_atom"] = first / b.n_atoms
+        FIGURES.append(f"predict energy+forces per atom, {b.n_atoms} atoms, first call: "
+                       f"{first / b.n_atoms * 1e6:.0f} µs/atom")
     guard.measure(benchmark, f"cpu_backend.predict_cost_per_atom[{b.n_atoms}]", run,
                   rounds=1 if big else 3, warmup_rounds=0 if big else 1, inner=inner)
     if benchmark.disabled:
@@ -226,7 +235,9 @@ def teardown_module():
                        f"(goal ≤ 1.5)")
     if "flat.ratio" in MEDIANS and "per_atom.20001" in MEDIANS:
         warm = [v for k, v in MEDIANS.items() if k.startswith("flat.") and k != "flat.ratio"]
-        cold = MEDIANS["per_atom.20001"]
-        FIGURES.append(f"with the cold 20,001-atom call ({cold * 1e6:.0f} µs/atom): max/min "
-                       f"{max(warm + [cold]) / min(warm + [cold]):.2f}")
+        for what, key in (("the 20,001-atom call", "per_atom.20001"),
+                          ("its first call", "first_call.per_atom")):
+            big = MEDIANS[key]
+            FIGURES.append(f"with {what} ({big * 1e6:.0f} µs/atom): max/min "
+                           f"{max(warm + [big]) / min(warm + [big]):.2f}")
     print("\n" + "\n".join(FIGURES))

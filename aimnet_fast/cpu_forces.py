@@ -1,9 +1,9 @@
 """The fast CPU backend's energies and forces of a frozen model: the model's forward and the
 gradient of its energy written out by hand, without autograd (the predict command's path).
 
-Why: a small molecule's call is mostly fixed costs. For a 21-atom molecule, autograd's graph (its
-nodes, saved tensors and engine) took about a quarter of the call, besides the matrix products
-(bench/RESULTS.md). Here the forward keeps only what the backward reads: each MLP's ELU outputs
+Why: a small molecule's call is mostly fixed costs, and autograd's graph (its nodes, saved tensors
+and engine) was one of them: without it a 21-atom molecule's energy and forces took 0.87× the
+time (bench/RESULTS.md). Here the forward keeps only what the backward reads: each MLP's ELU outputs
 (``cpu_mlp.Tape``), each pass's features, and the AEV terms. The backward then walks the passes
 in reverse:
 
@@ -37,6 +37,16 @@ import torch
 from . import cpu_aev, cpu_mlp, cpu_native
 from .constants import ENERGY_SCALE_HA
 from .index_memo import IndexMemo
+
+
+#: From this many pairs on, the pair MLP keeps its 32 inputs per pair instead of its first layer's
+#: 256 ELU outputs, and makes those again in the backward (``cpu_mlp.forward_kept``'s
+#: ``recompute_first``). A 20,001-atom droplet (422k pairs) then peaks at 2.35 GB instead of 2.75
+#: in a fresh process, and its first call, which pays the first touch of that memory in page
+#: faults, takes 0.89× the time; a second call takes 1.05× (the products made again;
+#: bench/RESULTS.md). Fewer pairs, as in the predict command's batches of small molecules, keep
+#: them.
+RECOMPUTE_MIN_PAIRS = 1 << 17
 
 
 class _Pass(NamedTuple):
@@ -140,7 +150,8 @@ def _forward(model, steps: dict, species: torch.Tensor, coord: torch.Tensor, nb,
             afv = afv + u
             afv_j, afv_k = afv.index_select(0, j), afv.index_select(0, k)
             pair_feat, combine = cpu_mlp.forward_kept(
-                torch.cat([afv_j + afv_k, afv_j * afv_k], 1), steps["combine"])
+                torch.cat([afv_j + afv_k, afv_j * afv_k], 1), steps["combine"],
+                recompute_first=j.numel() >= RECOMPUTE_MIN_PAIRS)
         x = torch.cat([_contract(g_r, afv, plan_r), _contract(g_a, pair_feat, plan_a)], 1)
         e, embedding = cpu_mlp.forward_kept(x, steps["embedding"])
         passes.append(_Pass(afv, pair_feat, embedding, update, combine, afv_j, afv_k))

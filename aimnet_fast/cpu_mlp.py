@@ -146,21 +146,33 @@ def mlp_steps(layers: nn.Sequential) -> tuple[Step, ...] | None:
 
 class Tape(NamedTuple):
     """What an MLP's input gradient needs of its forward (``forward_kept``): the steps, the row
-    blocks (``_blocks``) and the ELU outputs, block after block."""
+    blocks (``_blocks``) and the ELU outputs, block after block; where the first layer's are not
+    kept (None), its input x, to make them again."""
     steps: tuple[Step, ...]
     blocks: list
-    elu_outputs: tuple[torch.Tensor, ...]
+    elu_outputs: tuple[torch.Tensor | None, ...]
+    x: torch.Tensor | None = None
 
 
-def forward_kept(x: torch.Tensor, steps: tuple[Step, ...]) -> tuple[torch.Tensor, Tape]:
+def forward_kept(x: torch.Tensor, steps: tuple[Step, ...],
+                 recompute_first: bool = False) -> tuple[torch.Tensor, Tape]:
     """The MLP ``steps`` on x (M, in) → (M, out), with the ``Tape`` of its input gradient
     (``input_grad``). No graph is recorded: call it with gradients off or inside an autograd
     Function. A float32 input goes through the layers block by block (``_blocks``), the large
     layers' products by oneDNN (``_onednn_linear``); the rows left over, and every other input, by
-    ``addmm``. Rows are independent in an MLP, so blocks change only the order of summation."""
+    ``addmm``. Rows are independent in an MLP, so blocks change only the order of summation.
+
+    ``recompute_first``: keep x instead of the first layer's ELU outputs, and make those again
+    in ``input_grad`` (the same products on the same blocks: the same values). For a wide first
+    layer on a narrow input, as the pair MLP's 32 → 256, that keeps an eighth of the floats."""
     kept: list[torch.Tensor] = []
     blocks, h = _in_blocks(x, steps, kept)
-    return h, Tape(steps, blocks, tuple(kept))
+    if not recompute_first or steps[0].elu is None:
+        return h, Tape(steps, blocks, tuple(kept))
+    n_elu = len(kept) // len(blocks)
+    for k in range(len(blocks)):
+        kept[k * n_elu] = None
+    return h, Tape(steps, blocks, tuple(kept), x)
 
 
 def input_grad(tape: Tape, grad: torch.Tensor) -> torch.Tensor:
@@ -176,6 +188,9 @@ def input_grad(tape: Tape, grad: torch.Tensor) -> torch.Tensor:
         for step in reversed(tape.steps):
             if step.elu is not None:
                 out = elu_outputs.pop()
+                if out is None:  # the first layer's, made again (``recompute_first``)
+                    with torch.no_grad():
+                        out = _layer_by_layer(tape.x[a:b], tape.steps[:1], None, linear)
                 if own:
                     torch.ops.aten.elu_backward.grad_input(g, step.elu.alpha, 1, 1, True, out,
                                                           grad_input=g)

@@ -551,3 +551,23 @@ def test_first_order_gradient_follows_weights_changed_in_place():
 def copy_double(net):
     import copy
     return copy.deepcopy(net).double()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_input_grad_with_the_first_layer_made_again_is_the_same(dtype, monkeypatch):
+    """``forward_kept(recompute_first=True)`` keeps x instead of the first layer's ELU outputs;
+    ``input_grad`` makes them again on the same blocks: the same input gradient, bit for bit, on
+    whole oneDNN blocks, a small block and the rows left over."""
+    from aimnet_fast import cpu_mlp
+    from aimnet_fast.model import build_elu_mlp
+    torch.manual_seed(8)
+    net = build_elu_mlp([32, 256, 128, 16], last_activation=True).requires_grad_(False).to(dtype)
+    steps = cpu_mlp.mlp_steps(net)
+    n = cpu_mlp.BLOCK_ROWS + sum(cpu_mlp.SMALL_BLOCKS) + 37
+    x, gy = torch.randn(n, 32, dtype=dtype), torch.randn(n, 16, dtype=dtype)
+    with torch.no_grad():
+        y, tape = cpu_mlp.forward_kept(x, steps)
+        y2, tape2 = cpu_mlp.forward_kept(x, steps, recompute_first=True)
+        assert tape2.x is x and sum(t is None for t in tape2.elu_outputs) == len(tape2.blocks)
+        assert torch.equal(y, y2)
+        assert torch.equal(cpu_mlp.input_grad(tape, gy), cpu_mlp.input_grad(tape2, gy))

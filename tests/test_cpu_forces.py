@@ -69,9 +69,14 @@ def test_released_model_equals_the_reference_in_float64(released_models, referen
 
 @pytest.mark.parametrize("n_pass", [1, 2, 3])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_weights_and_molecules_equal_the_reference_in_float64(n_pass, seed,
-                                                                      poisoned):  # noqa: F811
-    """Random weights (so that no released value hides an error), 1–3 passes, random molecules."""
+@pytest.mark.parametrize("recompute", [False, True])
+def test_random_weights_and_molecules_equal_the_reference_in_float64(n_pass, seed, recompute,
+                                                                      poisoned,  # noqa: F811
+                                                                      monkeypatch):
+    """Random weights (so that no released value hides an error), 1–3 passes, random molecules;
+    the pair MLP's first layer kept, and made again in the backward (as for large molecules)."""
+    if recompute:
+        monkeypatch.setattr(cpu_forces, "RECOMPUTE_MIN_PAIRS", 0)
     torch.manual_seed(seed)
     model = AIMNet(n_pass=n_pass)
     for p in model.parameters():  # larger than the initialisation's, so every path matters

@@ -10,7 +10,9 @@ Backends (``BACKENDS``):
   computed once for the T passes: ``aev_terms``; inside ``first_order()`` or without gradients,
   ``aimnet_fast.cpu_native``'s C kernels where a C compiler built them),
   ``aimnet_fast.cpu_mlp``'s MLPs (the ELU in place), ``aimnet_fast.cpu_neighbors``'s lists (the
-  reference's, small molecules' radial pairs by testing every pair inside each molecule)
+  reference's, small molecules' radial pairs by testing every pair inside each molecule), and
+  for a frozen model ``aimnet_fast.cpu_forces``'s energies and forces without autograd
+  (``energy_forces``)
 - ``"triton"`` the kernels (CUDA tensors, or any tensors under TRITON_INTERPRET=1)
 - ``"auto"``   Triton for CUDA tensors where it is installed, the fast CPU backend for CPU tensors;
   decided per call from the tensors' device, because a model is often built on the CPU and moved

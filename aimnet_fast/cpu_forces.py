@@ -17,7 +17,8 @@ in reverse:
 It computes the same thing as ``model(...)`` followed by ``autograd.grad(energy.sum(), coord)``
 with the cpu backend inside ``ops.first_order()``: the same kernels, with each MLP's gradient
 from ``cpu_mlp.input_grad``. tests/test_cpu_forces.py checks it against the float64 reference
-at 1e-10 and against the original's outputs.
+at 1e-10; tests/test_reference_outputs.py checks the predict path, which takes it, against the
+original's outputs.
 
 It runs where ``energy_forces`` finds everything it was written for; otherwise it returns None
 and the caller takes the autograd path. That means: CPU coordinates in float32 or float64, the

@@ -9,7 +9,8 @@
  * 16 x 16 accumulator of an atom stays in vector registers while its terms stream past.
  *
  * The AEV terms from the coordinates and their coordinate gradients (below the centre sums).
- * And the ELU of the MLPs, in place, in float (below the includes).
+ * And the ELU of the MLPs, in place, in float, and the MLPs' matrix products at few rows from
+ * weights packed once, in float (below the includes).
  *
  * No fast-math: every sum runs in a fixed order (lanes are independent), so results are the same
  * from call to call. The centre sums and the terms are compiled twice from this one file, for float

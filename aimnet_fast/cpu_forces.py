@@ -71,13 +71,8 @@ def _steps(model, dtype: torch.dtype) -> dict | None:
            "combine": cpu_mlp.mlp_steps(model.combine_mlp),
            "interact": cpu_mlp.mlp_steps(model.interact_mlp),
            "energy": cpu_mlp.mlp_steps(model.heads["energy"])}
-    for steps in out.values():
-        if steps is None:
-            return None
-        for s in steps:
-            for p in (s.weight, s.bias):
-                if p is not None and (p.requires_grad or p.dtype != dtype):
-                    return None
+    if any(steps is None or not cpu_mlp.frozen(steps, dtype) for steps in out.values()):
+        return None
     return out
 
 

@@ -144,6 +144,13 @@ def mlp_steps(layers: nn.Sequential) -> tuple[Step, ...] | None:
     return steps
 
 
+def frozen(steps: tuple[Step, ...], dtype: torch.dtype | None = None) -> bool:
+    """Whether no weight or bias of the steps needs a gradient (and, given ``dtype``, each is of
+    that dtype)."""
+    return all(p is None or not p.requires_grad and (dtype is None or p.dtype == dtype)
+               for s in steps for p in (s.weight, s.bias))
+
+
 class Tape(NamedTuple):
     """What an MLP's input gradient needs of its forward (``forward_kept``): the steps, the row
     blocks (``_blocks``) and the ELU outputs, block after block; where the first layer's are not
@@ -333,8 +340,7 @@ def _run(h: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
         return layers(h)
     if not torch.is_grad_enabled():  # e.g. energies alone: no graph to keep
         return _in_blocks(h, mlp)[1]
-    if h.requires_grad and _FIRST_ORDER.get() and not any(
-            s.weight.requires_grad or (s.bias is not None and s.bias.requires_grad) for s in mlp):
+    if h.requires_grad and _FIRST_ORDER.get() and frozen(mlp):
         return FirstOrderMLP.apply(h, mlp)
     return _layer_by_layer(h, mlp)
 

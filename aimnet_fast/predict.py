@@ -131,8 +131,8 @@ def _run_model(model: AIMNet, batch: Batch, forces: bool,
             raise PredictError("forces asked of a model without an energy head")
         if neighbors is None:
             neighbors = ops.build_neighbors(coord, mol_idx, model.backend)
-        # without autograd where the backend can (the cpu backend: a small molecule's call is
-        # mostly autograd's bookkeeping otherwise)
+        # without autograd where the backend can (the cpu backend: autograd's graph cost a
+        # 21-atom molecule's call ~13 %, bench/RESULTS.md)
         out = ops.energy_forces(model, numbers, coord, mol_idx, batch.n_mol, neighbors)
     if out is not None:
         res = {"forces": out["forces"]}

@@ -142,6 +142,11 @@ def test_share_outside_mlp_matmuls(benchmark, models, s66_batch):
                    f"matrix products (goal ≤ 25 %; min of 3 profiles)")
 
 
+def _predict_one(model, b):
+    """As the predict command: one neighbor search, then energy and forces."""
+    return predict_arrays(model, b, forces=True, neighbors=build_neighbors(b.coord, b.mol_idx))
+
+
 @pytest.mark.parametrize("n_water", [7, 67, 667, pytest.param(6667, marks=pytest.mark.unguarded)])
 def test_predict_cost_per_atom(benchmark, guard, models, n_water):
     """One water droplet of 21 … 20,001 atoms: neighbor search, energy and forces (cpu backend)."""
@@ -151,8 +156,8 @@ def test_predict_cost_per_atom(benchmark, guard, models, n_water):
     b = Batch.from_molecules([(numbers, coord)])
     model = _frozen(models["cpu"])
 
-    def run():  # as the predict command: one neighbor search, then energy and forces
-        return predict_arrays(model, b, forces=True, neighbors=build_neighbors(b.coord, b.mol_idx))
+    def run():
+        return _predict_one(model, b)
 
     inner = max(1, 600 // b.n_atoms)
     big = n_water > 1000  # 20,001 atoms: ~5 s a call on one thread
@@ -190,8 +195,7 @@ def test_cost_per_atom_flat(benchmark, models):
         b = Batch.from_molecules([(numbers, coord)])
 
         def run(b=b):
-            return predict_arrays(model, b, forces=True,
-                                  neighbors=build_neighbors(b.coord, b.mol_idx))
+            return _predict_one(model, b)
         sizes.append((b.n_atoms, run, max(1, 600 // b.n_atoms)))
     rounds = 1 if benchmark.disabled else 9
     costs: list[dict[int, float]] = []
